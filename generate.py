@@ -1,0 +1,258 @@
+"""Generate text: prefill the static KV cache, then decode one token at a time (optionally compiled).
+
+    python generate.py --prompt "Once upon a time" --compile
+    python generate.py --chat --prompt "What is the capital of France?"
+"""
+import argparse
+import contextlib
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint
+from cli import run
+from model import Transformer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------- sampling
+
+def logits_to_probs(logits, temperature: float = 1.0, top_k: int = None, top_p: float = None):
+    logits = logits / max(temperature, 1e-5)
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[..., -1:]
+        logits = torch.where(logits < kth, -float("inf"), logits)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, -float("inf"))
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def sample(logits, temperature: float = 0.0, top_k: int = None, top_p: float = None):
+    """logits: [B, V] -> tokens [B, 1]. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True).to(torch.int)
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    # Exponential-race sampling (argmax of p/Exp(1)) equals multinomial sampling and compiles without a sync.
+    q = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / q, dim=-1, keepdim=True).to(torch.int)
+
+
+# ---------------------------------------------------------------- prefill and decode
+
+def prefill(model: Transformer, tokens, input_pos, **sampling):
+    logits = model(tokens, input_pos)
+    return sample(logits[:, -1], **sampling)
+
+
+def decode_one_token(model: Transformer, token, input_pos, **sampling):
+    logits = model(token, input_pos)
+    return sample(logits[:, -1], **sampling)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    time_to_first_token: float
+    decode_time: float
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first token comes from prefill; decode produced the rest.
+        return (self.new_tokens - 1) / self.decode_time if self.new_tokens > 1 and self.decode_time > 0 else 0.0
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, stop_ids=(), on_token=None,
+             prefill_fn=prefill, decode_fn=decode_one_token, **sampling):
+    """prompt: [T] token ids. Returns (new token ids [N], GenerationStats). The caller has set up the caches
+    (model.setup_caches) large enough for T + max_new_tokens. `on_token(id)` streams each new token."""
+    device = prompt.device
+    T = prompt.numel()
+    if T + max_new_tokens > model.max_seq_length:
+        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the context of "
+                         f"{model.max_seq_length} tokens")
+    stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.int) if stop_ids else None
+    _sync(device)
+    t0 = time.perf_counter()
+    input_pos = torch.arange(T, device=device)
+    token = prefill_fn(model, prompt.view(1, -1), input_pos, **sampling).clone()
+    out = [token]
+    _sync(device)
+    t1 = time.perf_counter()
+    ttft = t1 - t0
+    input_pos = torch.tensor([T], device=device, dtype=torch.long)
+    for _ in range(max_new_tokens - 1):
+        if on_token is not None:
+            on_token(int(token))
+        if stop is not None and bool((token == stop).any()):
+            break
+        token = decode_fn(model, token.view(1, 1), input_pos, **sampling).clone()
+        out.append(token)
+        input_pos += 1
+    else:
+        if on_token is not None:
+            on_token(int(token))
+    _sync(device)
+    decode_time = time.perf_counter() - t1
+    new = torch.cat(out).view(-1)
+    return new, GenerationStats(T, new.numel(), ttft, decode_time)
+
+
+def compile_fns(device, compile_prefill: bool = False):
+    """Decode compiles to one graph thanks to the static cache; CUDA adds CUDA graphs (reduce-overhead)."""
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    decode_fn = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill
+    return prefill_fn, decode_fn
+
+
+# ---------------------------------------------------------------- reporting
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step streams (shared tensors counted once; KV caches excluded)."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + [b for n, b in model.named_buffers()
+                                          if not n.endswith(("k_cache", "v_cache", "freqs_cis", "causal_mask"))]
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def peak_memory_bytes(device) -> int:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def speed_report(stats: GenerationStats, model_bytes: int, device) -> str:
+    tps = stats.decode_tokens_per_s
+    return (f"prompt {stats.prompt_tokens} tok | time to first token {stats.time_to_first_token * 1000:.1f} ms | "
+            f"decode {stats.new_tokens} tok at {tps:.1f} tok/s | model {model_bytes / 1e6:.1f} MB | "
+            f"bandwidth {model_bytes * tps / 1e9:.2f} GB/s | peak memory {peak_memory_bytes(device) / 1e9:.2f} GB")
+
+
+class TextStreamer:
+    """Prints tokens as they come, holding back bytes until they form whole UTF-8 characters."""
+
+    def __init__(self, tokenizer, stop_ids=(), file=sys.stdout):
+        self.tokenizer, self.stop_ids, self.file = tokenizer, set(stop_ids), file
+        self.ids, self.printed = [], 0
+
+    def __call__(self, token_id: int):
+        if token_id in self.stop_ids:
+            return
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            print(text[self.printed:], end="", file=self.file, flush=True)
+            self.printed = len(text)
+
+
+# ---------------------------------------------------------------- CLI
+
+def build_prompt(tokenizer, text: str, chat: bool, history=None):
+    if chat:
+        messages = (history or []) + [{"role": "user", "content": text}]
+        return tokenizer.encode(tokenizer.apply_chat_template(messages), bos=tokenizer.add_bos)
+    return tokenizer.encode(text, bos=tokenizer.add_bos, allow_special=False)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="bitfast checkpoint folder (default: SmolLM2-135M-Instruct, offline)")
+    p.add_argument("--prompt", default="Hello, my name is")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--interactive", action="store_true", help="chat loop on stdin (implies --chat)")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--num_samples", type=int, default=1, help="generate this many times (speed: later runs are warm)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--max_seq_length", type=int, default=None, help="KV cache length (default: fits the request)")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error("--max_new_tokens must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error("--top_p must be in (0, 1]")
+    if args.top_k is not None and args.top_k < 1:
+        p.error("--top_k must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA GPU is available")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    torch.manual_seed(args.seed)
+    ckpt = resolve_checkpoint(args.checkpoint)
+    tokenizer = load_tokenizer_for(ckpt)
+    model = load_model(ckpt, device=args.device, dtype=dtype)
+    model_bytes = weight_bytes(model)
+    chat = args.chat or args.interactive
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    prefill_fn, decode_fn = compile_fns(args.device, args.compile_prefill) if args.compile else (prefill, decode_one_token)
+    stop_ids = tokenizer.stop_ids
+
+    def one_turn(text, history):
+        ids = build_prompt(tokenizer, text, chat, history)
+        need = len(ids) + args.max_new_tokens
+        size = args.max_seq_length or min(model.args.block_size, -(-need // 256) * 256)
+        if need > size or need > model.args.block_size:
+            raise ValueError(f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens exceeds the context "
+                             f"of {min(size, model.args.block_size)} tokens")
+        if model.max_seq_length != size:
+            model.setup_caches(1, size, dtype=dtype, device=args.device)
+        prompt = torch.tensor(ids, dtype=torch.int, device=args.device)
+        streamer = TextStreamer(tokenizer, stop_ids)
+        new, stats = generate(model, prompt, args.max_new_tokens, stop_ids=stop_ids, on_token=streamer,
+                              prefill_fn=prefill_fn, decode_fn=decode_fn, **sampling)
+        print()
+        print(speed_report(stats, model_bytes, args.device), file=sys.stderr)
+        return tokenizer.decode([t for t in new.tolist() if t not in stop_ids])
+
+    if not args.interactive:
+        if not chat:
+            print(args.prompt, end="", flush=True)
+        for _ in range(args.num_samples):
+            one_turn(args.prompt, None)
+        return
+    history = []
+    print("interactive chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        with contextlib.suppress(EOFError):
+            text = input("> ").strip()
+            if text:
+                reply = one_turn(text, history)
+                history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+                continue
+        return
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,240 @@
+"""One Llama-family transformer: GQA, RoPE (with Llama-3 scaling), RMSNorm, SwiGLU, static KV cache.
+
+Rotary embeddings use the interleaved (Meta / GGUF) layout: pairs (2i, 2i+1) of each head rotate together.
+Hugging Face checkpoints store Q/K permuted for the rotate-half layout; the converter undoes that.
+"""
+import math
+from dataclasses import dataclass, field, fields
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    block_size: int = 2048  # longest context the rope table and KV cache can hold
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32
+    dim: int = 4096
+    intermediate_size: int = 11008
+    n_local_heads: int = -1  # key/value heads (GQA); -1 means n_head
+    head_dim: int = -1  # -1 means dim // n_head
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    rope_scaling: Optional[dict] = field(default=None)  # Llama-3.1 style: factor, low/high_freq_factor, original_max_position_embeddings
+
+    def __post_init__(self):
+        if self.n_local_heads == -1:
+            self.n_local_heads = self.n_head
+        if self.head_dim == -1:
+            self.head_dim = self.dim // self.n_head
+        if self.n_head % self.n_local_heads:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_local_heads={self.n_local_heads}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        if name not in CONFIGS:
+            raise ValueError(f"unknown model name {name!r}; known: {', '.join(CONFIGS)}")
+        return cls(**CONFIGS[name])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelArgs fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+_LLAMA31_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+_LLAMA32_ROPE = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+CONFIGS = {
+    "llama-2-7b": dict(n_layer=32, n_head=32, dim=4096, intermediate_size=11008, block_size=4096),
+    "llama-2-13b": dict(n_layer=40, n_head=40, dim=5120, intermediate_size=13824, block_size=4096),
+    "llama-2-70b": dict(n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672, block_size=4096),
+    "llama-3-8b": dict(n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, vocab_size=128256,
+                       rope_base=500000.0, block_size=8192),
+    "llama-3-70b": dict(n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672, vocab_size=128256,
+                        rope_base=500000.0, block_size=8192),
+    "llama-3.1-8b": dict(n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, vocab_size=128256,
+                         rope_base=500000.0, block_size=131072, rope_scaling=_LLAMA31_ROPE),
+    "llama-3.1-70b": dict(n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672, vocab_size=128256,
+                          rope_base=500000.0, block_size=131072, rope_scaling=_LLAMA31_ROPE),
+    "llama-3.2-1b": dict(n_layer=16, n_head=32, n_local_heads=8, dim=2048, intermediate_size=8192, vocab_size=128256,
+                         rope_base=500000.0, block_size=131072, rope_scaling=_LLAMA32_ROPE, tie_embeddings=True),
+    "llama-3.2-3b": dict(n_layer=28, n_head=24, n_local_heads=8, dim=3072, intermediate_size=8192, vocab_size=128256,
+                         rope_base=500000.0, block_size=131072, rope_scaling=_LLAMA32_ROPE, tie_embeddings=True),
+    "mistral-7b": dict(n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, block_size=32768,
+                       rope_base=1000000.0),
+    "tinyllama-1.1b": dict(n_layer=22, n_head=32, n_local_heads=4, dim=2048, intermediate_size=5632, block_size=2048),
+    "smollm2-135m": dict(n_layer=30, n_head=9, n_local_heads=3, dim=576, intermediate_size=1536, vocab_size=49152,
+                         rope_base=100000.0, block_size=8192, tie_embeddings=True),
+    "smollm2-360m": dict(n_layer=32, n_head=15, n_local_heads=5, dim=960, intermediate_size=2560, vocab_size=49152,
+                         rope_base=100000.0, block_size=8192, tie_embeddings=True),
+    "smollm2-1.7b": dict(n_layer=24, n_head=32, n_local_heads=32, dim=2048, intermediate_size=8192, vocab_size=49152,
+                         rope_base=130000.0, block_size=8192, tie_embeddings=True),
+}
+
+
+def float_linear(name: str, in_features: int, out_features: int) -> nn.Module:
+    """The one place a linear layer is made; quantize.py passes its own factory instead."""
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values, written in place so decode keeps fixed shapes (one compiled graph)."""
+
+    def __init__(self, batch_size, max_seq_length, n_heads, head_dim, dtype):
+        super().__init__()
+        shape = (batch_size, n_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos, k, v):
+        # input_pos: [S]; k, v: [B, H, S, D]
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        return self.k_cache, self.v_cache
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, linear: Callable[[str, int, int], nn.Module] = float_linear):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i, linear) for i in range(args.n_layer))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # A tied head shares the embedding matrix; quantize.py may still give it a quantized copy.
+        self.output = linear("output", args.dim, args.vocab_size)
+        if args.tie_embeddings and isinstance(self.output, nn.Linear):
+            self.output.weight = self.tok_embeddings.weight
+        self.max_batch_size = -1
+        self.max_seq_length = -1
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None, device=None):
+        if max_seq_length > self.args.block_size:
+            raise ValueError(f"context of {max_seq_length} tokens exceeds the model's block_size {self.args.block_size}")
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = device or self.tok_embeddings.weight.device
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.args.n_local_heads,
+                                               self.args.head_dim, dtype).to(device)
+        self.register_buffer("freqs_cis", precompute_freqs_cis(self.args, max_seq_length).to(device), persistent=False)
+        causal = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
+        self.register_buffer("causal_mask", causal, persistent=False)
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx: [B, S] tokens. With input_pos ([S] positions) attention reads and writes the KV cache;
+        without it, a plain causal forward over the whole sequence (training, scoring)."""
+        if input_pos is None:
+            seq = idx.shape[1]
+            freqs = precompute_freqs_cis(self.args, seq).to(idx.device)
+            mask = None
+        else:
+            freqs = self.freqs_cis[input_pos]
+            mask = self.causal_mask[None, None, input_pos]
+        x = self.tok_embeddings(idx)
+        for layer in self.layers:
+            x = layer(x, freqs, mask, input_pos)
+        return self.output(self.norm(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, i: int, linear):
+        super().__init__()
+        self.attention = Attention(args, f"layers.{i}.attention", linear)
+        self.feed_forward = FeedForward(args, f"layers.{i}.feed_forward", linear)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, freqs, mask, input_pos):
+        h = x + self.attention(self.attention_norm(x), freqs, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, name: str, linear):
+        super().__init__()
+        self.n_head, self.n_local_heads, self.head_dim = args.n_head, args.n_local_heads, args.head_dim
+        self.wq = linear(f"{name}.wq", args.dim, args.n_head * args.head_dim)
+        self.wk = linear(f"{name}.wk", args.dim, args.n_local_heads * args.head_dim)
+        self.wv = linear(f"{name}.wv", args.dim, args.n_local_heads * args.head_dim)
+        self.wo = linear(f"{name}.wo", args.n_head * args.head_dim, args.dim)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, freqs, mask, input_pos):
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_head, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        rep = self.n_head // self.n_local_heads
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(bsz, seqlen, self.n_head * self.head_dim)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, name: str, linear):
+        super().__init__()
+        self.w1 = linear(f"{name}.w1", args.dim, args.intermediate_size)  # gate
+        self.w3 = linear(f"{name}.w3", args.dim, args.intermediate_size)  # up
+        self.w2 = linear(f"{name}.w2", args.intermediate_size, args.dim)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Per-pair inverse frequencies, with Llama-3.1 scaling (stretch long wavelengths, keep short ones)."""
+    inv = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    s = args.rope_scaling
+    if not s:
+        return inv
+    low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv
+    smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
+        s["high_freq_factor"] - s["low_freq_factor"])
+    blended = (1 - smooth) * inv / s["factor"] + smooth * inv
+    return torch.where(wavelen > low_wavelen, inv / s["factor"], torch.where(wavelen < high_wavelen, inv, blended))
+
+
+def precompute_freqs_cis(args: ModelArgs, seq_len: int) -> torch.Tensor:
+    """[seq_len, head_dim/2, 2] cos/sin table (real-valued so it compiles everywhere)."""
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), rope_frequencies(args))
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    # x: [B, S, H, D]; freqs: [S, D/2, 2]; rotate adjacent pairs in fp32.
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    f = freqs.view(1, xs.size(1), 1, xs.size(3), 2)
+    out = torch.stack([xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1],
+                       xs[..., 1] * f[..., 0] + xs[..., 0] * f[..., 1]], dim=-1)
+    return out.flatten(3).type_as(x)
