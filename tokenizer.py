@@ -1,0 +1,447 @@
+"""One tokenizer interface over three families:
+
+- SentencePiece `tokenizer.model` (Llama 2, Mistral),
+- tiktoken `tokenizer.model` (Llama 3: lines of `base64token rank`),
+- GPT-2-style byte-level BPE (SmolLM2, GPT-2, Qwen, HF Llama 3) from a HF `tokenizer.json` or GGUF fields,
+  run on tiktoken for speed.
+
+GGUF tokenizers go through `bpe_tokenizer_json_from_gguf`, so a converted checkpoint stores a plain
+`tokenizer.json` and both paths share one builder.
+"""
+import base64
+import json
+import re
+import unicodedata
+from pathlib import Path
+
+import sentencepiece
+import tiktoken
+
+# Hugging Face ByteLevel(use_regex=True): the GPT-2 split.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Meta's Llama 3 split (also the Split regex of HF Llama 3 tokenizer.json files).
+LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+# SmolLM2: Digits(individual_digits) then the GPT-2 split within each non-digit run, as one regex.
+# `\s+(?=\p{N})` keeps whitespace before a digit whole, as it is when it ends a run ("a  1" -> "a", "  ", "1").
+SMOLLM_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
+
+# Meta's Llama 3 special tokens, in order, numbered after the mergeable ranks.
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>",
+    "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
+
+# Tokens that end a turn or a document; generation stops on them as well as on eos.
+END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>")
+CHAT_TEMPLATES = ("chatml", "llama2", "llama3")
+MISSING = -1  # rank_ids entry of a byte the byte-level vocab has no token for
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+BYTE_TO_CHAR = _bytes_to_unicode()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+
+
+class Tokenizer:
+    """What all families share: special tokens, bos/eos/stop ids, chat templates. Subclasses encode and decode.
+
+    `special_tokens` maps each special (or added) token's text to its id; `stop_ids` are eos and the
+    end-of-turn tokens the vocab has."""
+
+    def __init__(self, special_tokens: dict[str, int], vocab_size: int, bos_id=None, eos_id=None, add_bos=False,
+                 chat_template=None, default_system_prompt=None):
+        if chat_template not in (None, *CHAT_TEMPLATES):
+            raise ValueError(f"unknown chat template {chat_template!r}; expected one of {CHAT_TEMPLATES} or None")
+        self.special_tokens = special_tokens
+        self.vocab_size = vocab_size
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.add_bos = add_bos  # whether prompts should start with bos (pass it to encode)
+        self.chat_template = chat_template
+        self.default_system_prompt = default_system_prompt  # used when a conversation has no system message
+        ends = {special_tokens[t] for t in END_TOKENS if t in special_tokens}
+        self.stop_ids = ends | ({eos_id} if eos_id is not None else set())
+
+    def encode(self, text: str, bos: bool = False, allow_special: bool = True) -> list[int]:
+        """Token ids of `text`; with allow_special, special-token strings in it become their ids."""
+        if bos and self.bos_id is None:
+            raise ValueError("this tokenizer has no bos token")
+        ids = self._encode_text(text, allow_special)
+        return [self.bos_id, *ids] if bos else ids
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def _encode_text(self, text: str, allow_special: bool) -> list[int]:
+        raise NotImplementedError
+
+    def decode_bytes(self, ids) -> bytes:
+        """Raw bytes of `ids`; a streaming caller holds back a trailing partial UTF-8 character."""
+        raise NotImplementedError
+
+    def _special_text(self, token_id) -> str:
+        return next((t for t, i in self.special_tokens.items() if i == token_id), "")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for `messages` ({"role", "content"} dicts), special tokens as text.
+
+        The leading bos is not part of the text: encode it with `bos=self.add_bos`."""
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template (pass chat_template='chatml'|'llama2'|'llama3')")
+        if messages and messages[0]["role"] != "system" and self.default_system_prompt is not None:
+            messages = [{"role": "system", "content": self.default_system_prompt}, *messages]
+        if self.chat_template == "chatml":
+            return render_chatml(messages, add_generation_prompt)
+        if self.chat_template == "llama3":
+            return render_llama3(messages, add_generation_prompt)
+        return render_llama2(messages, self._special_text(self.bos_id), self._special_text(self.eos_id))
+
+
+class TiktokenTokenizer(Tokenizer):
+    """tiktoken does the BPE; `rank_ids` maps its ranks to our ids where they differ (byte-level BPE)."""
+
+    def __init__(self, encoding: tiktoken.Encoding, id_bytes: list[bytes], special_tokens: dict[str, int],
+                 rank_ids: list[int] | None = None, nfc: bool = False, **kwargs):
+        super().__init__(special_tokens, len(id_bytes), **kwargs)
+        self.encoding, self.id_bytes, self.rank_ids = encoding, id_bytes, rank_ids
+        self.nfc = nfc  # tokenizer.json asks for NFC-normalized input (Qwen)
+
+    def _encode_text(self, text, allow_special):
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
+        if allow_special:
+            ranks = self.encoding.encode(text, allowed_special="all", disallowed_special=())
+        else:
+            ranks = self.encoding.encode_ordinary(text)
+        if self.rank_ids is None:
+            return ranks
+        rank_ids = self.rank_ids
+        ids = [rank_ids[r] for r in ranks]
+        return [i for i in ids if i != MISSING] if MISSING in ids else ids
+
+    def decode_bytes(self, ids):
+        id_bytes = self.id_bytes
+        return b"".join([id_bytes[i] for i in ids])
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model; its control and unknown pieces (<s>, </s>, <unk>) are the special tokens."""
+
+    def __init__(self, path: Path, bos_id=None, eos_id=None, add_bos=True, **kwargs):
+        try:
+            sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+        n = sp.vocab_size()
+        special = {sp.id_to_piece(i): i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
+        bos_id = bos_id if bos_id is not None else (sp.bos_id() if sp.bos_id() >= 0 else None)
+        eos_id = eos_id if eos_id is not None else (sp.eos_id() if sp.eos_id() >= 0 else None)
+        super().__init__(special, n, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, **kwargs)
+        self.sp = sp
+        self.piece_bytes = [_sp_piece_bytes(sp, i) for i in range(n)]
+        # SentencePiece drops the space of the first word's "▁" (its dummy prefix) when decoding; probe for it.
+        word = next((i for i in range(n) if sp.id_to_piece(i).startswith("▁") and _sp_is_text(sp, i)), None)
+        self.strips_first_space = word is not None and not sp.decode([word]).startswith(" ")
+        self.special_pattern = re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")")
+
+    def _encode_text(self, text, allow_special):
+        if not allow_special or not self.special_tokens:
+            return self.sp.encode(text)
+        ids = []
+        for k, part in enumerate(self.special_pattern.split(text)):
+            if k % 2:  # split() puts the matched specials at odd positions
+                ids.append(self.special_tokens[part])
+            elif part:
+                ids.extend(self.sp.encode(part))
+        return ids
+
+    def decode_bytes(self, ids):
+        ids = list(ids)
+        data = b"".join([self.piece_bytes[i] for i in ids])
+        first = next((i for i in ids if self.piece_bytes[i]), None)
+        if self.strips_first_space and first is not None and self.sp.id_to_piece(first).startswith("▁"):
+            data = data[1:]
+        return data
+
+
+def _sp_is_text(sp, i) -> bool:
+    return not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i))
+
+
+def _sp_piece_bytes(sp, i) -> bytes:
+    piece = sp.id_to_piece(i)
+    if sp.is_byte(i):
+        return bytes([int(piece[1:-1], 16)])  # "<0xE4>"
+    if sp.is_control(i) or sp.is_unused(i):
+        return b""
+    if sp.is_unknown(i):
+        return " \u2047 ".encode()  # SentencePiece's default surface for <unk>
+    return piece.replace("▁", " ").encode()
+
+
+# ---------------------------------------------------------------- chat templates
+
+def render_chatml(messages: list[dict], add_generation_prompt: bool) -> str:
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def render_llama3(messages: list[dict], add_generation_prompt: bool) -> str:
+    text = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                   for m in messages)
+    return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+
+
+def render_llama2(messages: list[dict], bos: str, eos: str) -> str:
+    """Meta's Llama 2 chat format: [INST] user [/INST] answer </s>, bos before every later [INST].
+    The prompt always ends ready for the assistant, so there is no generation prompt to add."""
+    system = None
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    parts = []
+    for i, m in enumerate(messages):
+        if m["role"] != ("user", "assistant")[i % 2]:
+            raise ValueError("the llama2 chat template needs user/assistant turns alternating, starting with user")
+        content = m["content"]
+        if i == 0 and system is not None:
+            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+        if i % 2:
+            parts.append(f" {content.strip()} {eos}")
+        else:
+            parts.append(f"{bos if i else ''}[INST] {content.strip()} [/INST]")
+    return "".join(parts)
+
+
+def detect_chat_template(jinja: str | None) -> str | None:
+    """Our template name for a HF/GGUF jinja chat template, or None if it is none we render."""
+    if not jinja:
+        return None
+    if "<|im_start|>" in jinja:
+        return "chatml"
+    if "<|start_header_id|>" in jinja:
+        return "llama3"
+    if "[INST]" in jinja:
+        return "llama2"
+    return None
+
+
+def detect_default_system_prompt(jinja: str | None) -> str | None:
+    """The literal system message a ChatML jinja template inserts when the conversation has none (SmolLM2)."""
+    match = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<]+?)<\|im_end\|>", jinja or "")
+    return match.group(1) if match else None
+
+
+# ---------------------------------------------------------------- tiktoken (Llama 3) files
+
+def _is_tiktoken_file(path: Path) -> bool:
+    with path.open("rb") as f:
+        first_line = f.read(512).split(b"\n", 1)[0]
+    return re.fullmatch(rb"[A-Za-z0-9+/]+=*[ \t]+\d+\r?", first_line) is not None
+
+
+def load_tiktoken_model(path: Path, bos_id=None, eos_id=None, add_bos=True, **kwargs) -> TiktokenTokenizer:
+    """Meta's Llama 3 `tokenizer.model`: one `base64(token) rank` line per token, then 256 special tokens."""
+    ranks = {}
+    for line_no, line in enumerate(path.read_bytes().splitlines(), 1):
+        if line.strip():
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise ValueError(f"{path}:{line_no}: expected 'base64token rank', got {line[:60]!r}") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: token ranks are not 0..{len(ranks) - 1}")
+    special = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
+    encoding = tiktoken.Encoding(path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    id_bytes = [*sorted(ranks, key=ranks.get), *(t.encode() for t in special)]
+    bos_id = special["<|begin_of_text|>"] if bos_id is None else bos_id
+    eos_id = special["<|end_of_text|>"] if eos_id is None else eos_id
+    return TiktokenTokenizer(encoding, id_bytes, special, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, **kwargs)
+
+
+# ---------------------------------------------------------------- byte-level BPE (tokenizer.json, GGUF)
+
+def _token_bytes(token: str, source: str) -> bytes:
+    try:
+        return bytes([CHAR_TO_BYTE[c] for c in token])
+    except KeyError:
+        raise ValueError(f"{source}: token {token!r} is not written in the byte-level BPE alphabet") from None
+
+
+def byte_level_tokenizer(vocab: dict[str, int], merges: list, added: dict[str, int], pattern: str, source: str,
+                         **kwargs) -> TiktokenTokenizer:
+    """Byte-level BPE on tiktoken: a merged token's rank is its first merge's position, after the 256 bytes.
+
+    tiktoken then merges the lowest-ranked adjacent pair whose bytes form a token, which is the BPE merge order.
+    Added tokens are tiktoken special tokens; `rank_ids` maps tiktoken's ranks back to the vocab's ids."""
+    id_bytes = [b""] * (max([*vocab.values(), *added.values()]) + 1)
+    for token, i in vocab.items():
+        if token not in added:
+            id_bytes[i] = _token_bytes(token, source)
+    for token, i in added.items():
+        id_bytes[i] = token.encode()
+    # tiktoken needs every byte; a byte the vocab lacks (SmolLM2 has no \x04 token) maps to MISSING and is
+    # dropped from the output, as Hugging Face and llama.cpp drop it.
+    ranks = {bytes([b]): b for b in range(256)}
+    rank_ids = [vocab.get(BYTE_TO_CHAR[b], MISSING) for b in range(256)]
+    for a, b in merges:
+        token_id = vocab.get(a + b)
+        if token_id is None:
+            raise ValueError(f"{source}: merge {a!r} + {b!r} makes {a + b!r}, which is not in the vocab")
+        if id_bytes[token_id] not in ranks:
+            ranks[id_bytes[token_id]] = len(rank_ids)
+            rank_ids.append(token_id)
+    special = {token: len(rank_ids) + k for k, token in enumerate(added)}
+    rank_ids.extend(added.values())
+    encoding = tiktoken.Encoding(source, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
+    return TiktokenTokenizer(encoding, id_bytes, dict(added), rank_ids=rank_ids, **kwargs)
+
+
+def _split_pre_tokenizer(pattern: str) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+def _gpt2_pre_tokenizer() -> dict:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+
+
+def _smollm_pre_tokenizer() -> dict:
+    return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _gpt2_pre_tokenizer()]}
+
+
+def pattern_from_pre_tokenizer(pre: dict | None, source: str) -> str:
+    """The single split regex equivalent to a tokenizer.json `pre_tokenizer` we support."""
+    steps = (pre or {}).get("pretokenizers", []) if (pre or {}).get("type") == "Sequence" else [pre]
+    kinds = [(s or {}).get("type") for s in steps]
+    if not any((s or {}).get("add_prefix_space") for s in steps):
+        if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+            return GPT2_PATTERN
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+            return SMOLLM_PATTERN
+        if (kinds == ["Split", "ByteLevel"] and "Regex" in steps[0].get("pattern", {})
+                and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+                and not steps[1].get("use_regex", True)):
+            return steps[0]["pattern"]["Regex"]
+    raise ValueError(f"{source}: unsupported pre-tokenizer {json.dumps(pre)[:300]}")
+
+
+def _bos_from_post_processor(post: dict | None) -> int | None:
+    """The bos id a TemplateProcessing post-processor prepends (HF Llama 3 files), else None."""
+    steps = post.get("processors", []) if post and post.get("type") == "Sequence" else [post]
+    for step in steps:
+        if step and step.get("type") == "TemplateProcessing" and "SpecialToken" in step["single"][0]:
+            return step["special_tokens"][step["single"][0]["SpecialToken"]["id"]]["ids"][0]
+    return None
+
+
+def tokenizer_from_json(data: dict, source: str, bos_id=None, eos_id=None, add_bos=None, **kwargs) -> TiktokenTokenizer:
+    """A byte-level BPE tokenizer from a parsed HF tokenizer.json. bos defaults to what its post-processor adds."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise ValueError(f"{source}: tokenizer model {kind!r} is not supported (bitfast reads byte-level BPE)")
+    normalizer = data.get("normalizer")
+    if normalizer not in (None, {"type": "NFC"}):
+        raise ValueError(f"{source}: unsupported normalizer {json.dumps(normalizer)[:200]}")
+    pattern = pattern_from_pre_tokenizer(data.get("pre_tokenizer"), source)
+    try:
+        vocab = model["vocab"]
+        merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+        added = {t["content"]: t["id"] for t in data.get("added_tokens") or []}
+        template_bos = _bos_from_post_processor(data.get("post_processor"))
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ValueError(f"{source}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
+    bos_id = template_bos if bos_id is None else bos_id
+    add_bos = template_bos is not None if add_bos is None else add_bos
+    return byte_level_tokenizer(vocab, merges, added, pattern, source, nfc=normalizer is not None,
+                                bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, **kwargs)
+
+
+GGUF_PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer, "gpt-2": _gpt2_pre_tokenizer, "default": _gpt2_pre_tokenizer,
+                       "llama-bpe": lambda: _split_pre_tokenizer(LLAMA3_PATTERN),
+                       "llama3": lambda: _split_pre_tokenizer(LLAMA3_PATTERN)}
+GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # llama.cpp token types that are added tokens
+
+
+def bpe_tokenizer_json_from_gguf(tokens: list[str], merges: list[str], token_type: list[int], pre: str) -> dict:
+    """A HF tokenizer.json (as a dict) for GGUF byte-level BPE data (`tokenizer.ggml.*` fields)."""
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError("GGUF vocab has duplicate tokens; it cannot be written as tokenizer.json")
+    added = [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": kind == GGUF_CONTROL}
+             for i, (token, kind) in enumerate(zip(tokens, token_type)) if kind in (GGUF_CONTROL, GGUF_USER_DEFINED)]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": GGUF_PRE_TOKENIZERS[pre](), "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": list(merges)},
+    }
+
+
+def bpe_tokenizer_from_gguf(tokens: list[str], merges: list[str], token_type: list[int], pre: str,
+                            bos_token_id=None, eos_token_id=None, add_bos=False, chat_template=None,
+                            default_system_prompt=None) -> TiktokenTokenizer:
+    """The tokenizer for GGUF `tokenizer.ggml.*` fields (named as in GGUF), via the tokenizer.json we export."""
+    data = bpe_tokenizer_json_from_gguf(tokens, merges, token_type, pre)
+    return tokenizer_from_json(data, "GGUF tokenizer", bos_id=bos_token_id, eos_id=eos_token_id, add_bos=add_bos,
+                               chat_template=chat_template, default_system_prompt=default_system_prompt)
+
+
+def tokenizer_from_gguf(reader) -> TiktokenTokenizer:
+    """The tokenizer stored in a `gguf.GGUFReader`'s metadata, chat template included."""
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    model = field("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ValueError(f"GGUF tokenizer model {model!r} is not supported (bitfast reads byte-level BPE 'gpt2')")
+    template = field("tokenizer.chat_template")
+    return bpe_tokenizer_from_gguf(
+        field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges"), field("tokenizer.ggml.token_type"),
+        field("tokenizer.ggml.pre"), bos_token_id=field("tokenizer.ggml.bos_token_id"),
+        eos_token_id=field("tokenizer.ggml.eos_token_id"), add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
+        chat_template=detect_chat_template(template), default_system_prompt=detect_default_system_prompt(template))
+
+
+# ---------------------------------------------------------------- entry point
+
+def load_tokenizer(path: str | Path, *, bos_id=None, eos_id=None, add_bos=None, chat_template=None,
+                   default_system_prompt=None) -> Tokenizer:
+    """Load `tokenizer.json` (byte-level BPE) or `tokenizer.model` (tiktoken or SentencePiece).
+
+    The keyword arguments are what a checkpoint stores beside the file; None keeps the file's own value
+    (SentencePiece and tiktoken files know their bos/eos, tokenizer.json only a bos its post-processor adds)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    kwargs = dict(bos_id=bos_id, eos_id=eos_id, chat_template=chat_template,
+                  default_system_prompt=default_system_prompt)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return tokenizer_from_json(data, str(path), add_bos=add_bos, **kwargs)
+    add_bos = True if add_bos is None else add_bos  # Llama 2/3 prompts start with bos
+    if _is_tiktoken_file(path):
+        return load_tiktoken_model(path, add_bos=add_bos, **kwargs)
+    return SentencePieceTokenizer(path, add_bos=add_bos, **kwargs)
