@@ -130,7 +130,9 @@ def write_gguf(path, hf, qtype=gguf.GGMLQuantizationType.F32, arch="llama"):
             a = llama_cpp_permute(a, cfg.num_attention_heads)
         if parts[-2] == "k_proj":
             a = llama_cpp_permute(a, cfg.num_key_value_heads)
-        if a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+        if a.ndim == 2 and qtype == gguf.GGMLQuantizationType.I8:  # a type gguf cannot dequantize
+            w.add_tensor(gname, a.astype(np.int8))
+        elif a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             w.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, np.ascontiguousarray(a))
@@ -184,6 +186,8 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unsupported GGUF architecture"):
         convert_gguf(write_gguf(tmp_path / "g.gguf", hf, arch="gpt2"), tmp_path / "g")
     assert not (tmp_path / "g").exists()  # nothing half-written
+    with pytest.raises(ValueError, match="has type I8"):
+        convert_gguf(write_gguf(tmp_path / "i8.gguf", hf, gguf.GGMLQuantizationType.I8), tmp_path / "i8")
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 20)
     with pytest.raises(ValueError, match="not a readable GGUF"):
         convert_gguf(tmp_path / "junk.gguf", tmp_path / "j")
