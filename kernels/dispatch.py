@@ -1,0 +1,34 @@
+"""One function picks the kernel for a quantized matmul by format x device x batch.
+
+Weights arrive as QuantLinear stores them: `qweight` packed codes (uint8; int8 for 8-bit, already
+offset to signed), `scales`/`zeros` per group ([N, G]; zeros None = symmetric, 2^(bits-1))."""
+import torch
+import torch.nn.functional as F
+
+from kernels.packing import unpack
+
+
+def dequantize_weight(qweight, scales, zeros, bits: int, group_size: int, k: int) -> torch.Tensor:
+    """Float32 [N, K] weight; a ragged last group (group_size not dividing K) is cut to fit."""
+    q = qweight.float() + 128 if bits == 8 else unpack(qweight, bits, k).float()
+    g = group_size or k
+    s = scales.float().repeat_interleave(g, dim=1)[:, :k]
+    z = 2 ** (bits - 1) if zeros is None else zeros.float().repeat_interleave(g, dim=1)[:, :k]
+    return (q - z) * s
+
+
+def quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, k: int) -> torch.Tensor:
+    rows = x.shape[:-1].numel()
+    if x.device.type == "cuda" and bits in (2, 3, 4) and (group_size == 0 or k % group_size == 0):
+        from kernels.triton_quant import quant_matmul
+        z = zeros if zeros is not None else torch.full_like(scales, 2 ** (bits - 1))
+        y = quant_matmul(x.reshape(rows, k), qweight, scales, z, bits, group_size or k)
+        return y.view(*x.shape[:-1], -1)
+    if x.device.type == "cpu" and bits == 8:
+        if x.dtype == torch.bfloat16 and scales.dtype == torch.bfloat16:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, k), qweight, scales.view(-1))
+            return y.view(*x.shape[:-1], -1)
+        if rows == 1 and torch.compiler.is_compiling():
+            # Multiply-and-sum compiles to one vectorized loop reading the int8 weight once.
+            return ((qweight.float() * x.float().unsqueeze(-2)).sum(-1) * scales.float().view(-1)).to(x.dtype)
+    return F.linear(x, dequantize_weight(qweight, scales, zeros, bits, group_size, k).to(x.dtype))
