@@ -96,11 +96,16 @@ def load_model(ckpt_dir, device="cpu", dtype=torch.float32) -> Transformer:
     for k, v in expected.items():
         if state[k].shape != v.shape:
             raise ValueError(f"{ckpt_dir}: {k} has shape {tuple(state[k].shape)}, config expects {tuple(v.shape)}")
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    state = {k: _aligned(v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     if args.tie_embeddings and isinstance(model.output, Linear):
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    # Tensors read from a safetensors file can start at any byte; CPU int8/int4 kernels crash on that.
+    return t.clone() if t.data_ptr() % 64 else t
 
 
 def quant_plan(config: dict) -> dict:
@@ -112,7 +117,7 @@ def quant_plan(config: dict) -> dict:
     return {n: (None if f == "float" else QuantFormat.parse(f)) for n, f in recipe.items()}
 
 
-def save_quantized(model, plan: dict, src_ckpt, out_dir, info: dict) -> Path:
+def save_quantized(model, plan: dict, src_ckpt, out_dir, info: dict, extra_files: dict = None) -> Path:
     """Packed codes, fp16 scales/zeros and the recipe, beside a copy of the source's tokenizer."""
     from quantize import recipe_from_plan
     config = read_config(src_ckpt)
@@ -121,7 +126,7 @@ def save_quantized(model, plan: dict, src_ckpt, out_dir, info: dict) -> Path:
     config["quantization"] = {"recipe": recipe_from_plan(plan), **info, "source": str(src_ckpt)}
     tok = (config.get("tokenizer") or {}).get("file")
     files = {tok: (Path(src_ckpt) / tok).read_bytes()} if tok else {}
-    save_checkpoint(out_dir, state, config, files)
+    save_checkpoint(out_dir, state, config, {**files, **(extra_files or {})})
     return Path(out_dir)
 
 

@@ -133,8 +133,8 @@ class Transformer(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None, device=None):
         if max_seq_length > self.args.block_size:
             raise ValueError(f"context of {max_seq_length} tokens exceeds the model's block_size {self.args.block_size}")
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        device = device or self.tok_embeddings.weight.device
+        dtype = dtype or self.norm.weight.dtype  # norms stay float even when everything else is quantized
+        device = device or self.norm.weight.device
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.args.n_local_heads,

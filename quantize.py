@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -334,43 +335,155 @@ def quantize_model(model, plan: dict, method: str = "rtn", calib: torch.Tensor =
     activations flow through the already-quantized earlier blocks, so memory stays at one block."""
     for name in plan:
         check_weight(model.get_submodule(name).weight, name)
+    clips = {}
+    if method in ("gptq", "awq") and calib is None:
+        raise ValueError(f"{method} needs calibration tokens")
     if method == "gptq":
-        if calib is None:
-            raise ValueError("GPTQ needs calibration tokens")
         _gptq_model(model, plan, calib, damp, act_order, log)
+    elif method == "awq":
+        clips = _awq_model(model, plan, calib, log)
     elif method != "rtn":
-        raise ValueError(f"unknown method {method!r} (rtn, gptq)")
+        raise ValueError(f"unknown method {method!r} (rtn, gptq, awq)")
     for name, fmt in plan.items():  # RTN for everything GPTQ did not cover (and the head)
         mod = model.get_submodule(name)
         if fmt is not None and isinstance(mod, nn.Linear):
             _set_module(model, name, rtn_layer(mod.weight.float(), fmt))
     tie_quantized_head(model)
-    return model
+    return clips
 
 
-def _gptq_model(model, plan, calib, damp, act_order, log):
+def _blockwise(model, calib, quantize_block, log, what):
+    """Run calibration tokens block by block; `quantize_block(i, block, x, freqs)` quantizes one block in
+    place given its float inputs, then the inputs of the next block come out of the quantized block."""
     from model import precompute_freqs_cis
     x = model.tok_embeddings(calib)
     freqs = precompute_freqs_cis(model.args, calib.shape[1]).to(x.device)
-    for i, layer in enumerate(model.layers):
+    for i, block in enumerate(model.layers):
         t0 = time.perf_counter()
-        prefix = f"layers.{i}."
-        targets = {n: m for n, m in layer.named_modules()
-                   if isinstance(m, nn.Linear) and plan.get(prefix + n) is not None}
-        hessians = {n: HessianAccumulator(m.in_features) for n, m in targets.items()}
-        hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: hessians[n].add(inp[0]))
-                 for n, m in targets.items()]
+        quantize_block(i, block, x, freqs)
         for j in range(x.shape[0]):
-            layer(x[j:j + 1], freqs, None, None)
+            x[j:j + 1] = block(x[j:j + 1], freqs, None, None)
+        log(f"{what}: block {i + 1}/{len(model.layers)} in {time.perf_counter() - t0:.1f}s")
+
+
+def _capture_inputs(block, x, freqs, modules: dict, on_input):
+    """Run the block over x (one sample at a time) calling on_input(name, activations) for each module."""
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: on_input(n, inp[0])) for n, m in modules.items()]
+    try:
+        for j in range(x.shape[0]):
+            block(x[j:j + 1], freqs, None, None)
+    finally:
         for h in hooks:
             h.remove()
+
+
+def _float_targets(block, plan, prefix):
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and plan.get(prefix + n) is not None}
+
+
+def _gptq_model(model, plan, calib, damp, act_order, log):
+    def quantize_block(i, block, x, freqs):
+        prefix = f"layers.{i}."
+        targets = _float_targets(block, plan, prefix)
+        hessians = {n: HessianAccumulator(m.in_features) for n, m in targets.items()}
+        _capture_inputs(block, x, freqs, targets, lambda n, a: hessians[n].add(a))
         for n, m in targets.items():
             fmt = plan[prefix + n]
             q, s, z = gptq_quantize(m.weight.float(), hessians[n].h, fmt, damp=damp, act_order=act_order)
-            _set_module(layer, n, QuantLinear.from_codes(q, s, z, fmt))
-        for j in range(x.shape[0]):
-            x[j:j + 1] = layer(x[j:j + 1], freqs, None, None)
-        log(f"gptq: block {i} ({len(targets)} layers) in {time.perf_counter() - t0:.1f}s")
+            _set_module(block, n, QuantLinear.from_codes(q, s, z, fmt))
+    _blockwise(model, calib, quantize_block, log, "gptq")
+
+
+# ---------------------------------------------------------------- AWQ-style scales + clip search
+
+def _fake_quantize(w, fmt, clip=None):
+    s, z = quant_params(w, fmt, clip)
+    q = quantize_codes(w, s, z, fmt).float()
+    return (q - expand_groups(z, fmt, w.shape[1])) * expand_groups(s, fmt, w.shape[1])
+
+
+def awq_search_scale(x: torch.Tensor, weights: list, fmts: list, grid: int = 20):
+    """Per-input-channel scales s = mean|x|^α (α searched on a grid; α = 0 is plain RTN) that minimise the
+    output error of quantizing W·diag(s) and undoing s on the input side (AWQ, Lin et al. 2023)."""
+    x = x.float()
+    x_mean = x.abs().mean(0)
+    ref = [x @ w.T for w in weights]
+    best, best_s = float("inf"), torch.ones_like(x_mean)
+    for a in range(grid):
+        s = x_mean.pow(a / grid).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = sum(((x @ (_fake_quantize(w * s, f) / s).T - r) ** 2).mean().item() for w, f, r in zip(weights, fmts, ref))
+        if err < best:
+            best, best_s = err, s
+    return best_s
+
+
+def awq_search_clip(x: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, steps: int = 20, min_ratio: float = 0.5):
+    """Per-group max |w| (shrunk from the group's own max) minimising each group's output error
+    (BitDistiller/AWQ clip search). Returns [N, G] clip values for quant_params(clip=...)."""
+    x, w = x.float(), w.float()
+    xg = _grouped(x, fmt, 0.0)  # [T, G, g]
+    wg = _grouped(w, fmt, 0.0)  # [N, G, g]
+    amax = wg.abs().amax(-1)  # [N, G]
+    best_err = torch.full_like(amax, float("inf"))
+    best = amax.clone()
+    org = torch.einsum("tgk,ngk->tng", xg, wg)
+    for i in range(int(steps * (1 - min_ratio)) + 1):
+        clip = amax * (1 - i / steps)
+        wq = _grouped(_fake_quantize(w, fmt, clip), fmt, 0.0)
+        err = ((torch.einsum("tgk,ngk->tng", xg, wq) - org) ** 2).mean(0)  # [N, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, clip, best)
+    return best
+
+
+def _awq_model(model, plan, calib, log, search_tokens: int = 2048):
+    """AWQ scales folded into the preceding norm (or linear), then a clip search per layer, then RTN with the
+    clips. Returns {layer name: clip [N, G]} for QAT to start from."""
+    clips = {}
+
+    def quantize_block(i, block, x, freqs):
+        prefix = f"layers.{i}."
+        targets = _float_targets(block, plan, prefix)
+        seen = {}
+        _capture_inputs(block, x, freqs, targets, lambda n, a: seen.setdefault(n, []).append(a.reshape(-1, a.shape[-1])))
+        g = torch.Generator().manual_seed(i)
+        acts = {}
+        for n, chunks in seen.items():
+            a = torch.cat(chunks)
+            acts[n] = a[torch.randperm(a.shape[0], generator=g)[:search_tokens]]
+        att, ff = block.attention, block.feed_forward
+        # (the op whose output feeds the layers, the layers): scaling its output by 1/s is exact.
+        pairs = [(block.attention_norm, ["attention.wq", "attention.wk", "attention.wv"]),
+                 (block.ffn_norm, ["feed_forward.w1", "feed_forward.w3"]),
+                 (ff.w3, ["feed_forward.w2"])]
+        if att.wv.out_features == att.wo.in_features:  # with GQA, v's outputs do not line up with o's inputs
+            pairs.append((att.wv, ["attention.wo"]))
+        for prev, names in pairs:
+            names = [n for n in names if n in targets]
+            if not names or isinstance(prev, QuantLinear):  # a quantized producer cannot absorb the scales
+                continue
+            ws = [targets[n].weight.float() for n in names]
+            s = awq_search_scale(acts[names[0]], ws, [plan[prefix + n] for n in names])
+            with torch.no_grad():
+                if isinstance(prev, nn.Linear):
+                    prev.weight.div_(s.view(-1, 1).to(prev.weight.dtype))
+                else:
+                    prev.weight.div_(s.to(prev.weight.dtype))
+                for n in names:
+                    targets[n].weight.mul_(s.to(targets[n].weight.dtype))
+                    acts[n] = acts[n] / s
+        for n, m in targets.items():
+            fmt = plan[prefix + n]
+            w = m.weight.float()
+            clip = None if n.endswith(("wq", "wk")) else awq_search_clip(acts[n], w, fmt)  # q/k errors wash out in softmax
+            sc, z = quant_params(w, fmt, clip)
+            _set_module(block, n, QuantLinear.from_codes(quantize_codes(w, sc, z, fmt), sc, z, fmt))
+            if clip is not None:
+                clips[prefix + n] = clip
+    _blockwise(model, calib, quantize_block, log, "awq")
+    return clips
 
 
 def tie_quantized_head(model):
@@ -398,7 +511,7 @@ def parse_args(argv=None):
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None)
     sym.add_argument("--asym", dest="sym", action="store_false")
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"])
     p.add_argument("--recipe", help="hybrid: JSON file {default, layers: {pattern: format}}")
     p.add_argument("--quantize_output", action="store_true", help="also quantize the output head (and a tied embedding)")
     p.add_argument("--calib", default="boolq", help="calibration text: boolq | lambada | a local .txt/.jsonl file")
@@ -444,12 +557,15 @@ def main(argv=None):
     model = load_model(ckpt)
     plan = resolve_recipe(recipe_from_args(a), linear_names(model))
     calib = None
-    if a.method == "gptq":
+    if a.method in ("gptq", "awq"):
         from eval.data import calibration_batches
         calib = calibration_batches(load_tokenizer_for(ckpt), a.calib_samples, a.calib_seqlen, a.calib, a.seed)
     t0 = time.perf_counter()
-    quantize_model(model, plan, a.method, calib, a.damp, a.act_order, log=lambda s: print(s, file=sys.stderr))
-    out = save_quantized(model, plan, ckpt, a.out, {"method": a.method, "calib": a.calib if calib is not None else None})
+    clips = quantize_model(model, plan, a.method, calib, a.damp, a.act_order, log=lambda s: print(s, file=sys.stderr))
+    # AWQ's clip values go beside the checkpoint, for QAT to start from.
+    extra = {"awq_clip.safetensors": safetensors.torch.save(clips)} if clips else {}
+    out = save_quantized(model, plan, ckpt, a.out, {"method": a.method, "calib": a.calib if calib is not None else None},
+                         extra)
     print(f"quantized {sum(f is not None for f in plan.values())} layers with {a.method} in "
           f"{time.perf_counter() - t0:.0f}s -> {out}")
 

@@ -25,10 +25,10 @@ def quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, k: int) 
         y = quant_matmul(x.reshape(rows, k), qweight, scales, z, bits, group_size or k)
         return y.view(*x.shape[:-1], -1)
     if x.device.type == "cpu" and bits == 8:
-        if x.dtype == torch.bfloat16 and scales.dtype == torch.bfloat16:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, k), qweight, scales.view(-1))
-            return y.view(*x.shape[:-1], -1)
         if rows == 1 and torch.compiler.is_compiling():
             # Multiply-and-sum compiles to one vectorized loop reading the int8 weight once.
             return ((qweight.float() * x.float().unsqueeze(-2)).sum(-1) * scales.float().view(-1)).to(x.dtype)
+        if x.dtype == torch.bfloat16 and scales.dtype == torch.bfloat16:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, k), qweight, scales.view(-1))
+            return y.view(*x.shape[:-1], -1)
     return F.linear(x, dequantize_weight(qweight, scales, zeros, bits, group_size, k).to(x.dtype))

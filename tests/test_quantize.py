@@ -171,3 +171,36 @@ def test_cli_bad_recipe_leaves_nothing(tmp_path):
     r = subprocess.run([sys.executable, "quantize.py", "--checkpoint", str(src), "--mode", "int4", "--groupsize", "20",
                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "multiple of 8" in r.stderr and not out.exists()
+
+
+def test_awq_beats_rtn_on_tiny_model_and_returns_clips():
+    model = tiny_model(seed=4)
+    plan = resolve_recipe({"default": "int3-g32-asym"}, linear_names(model))
+    calib = torch.randint(0, TINY["vocab_size"], (8, 32), generator=torch.Generator().manual_seed(5))
+    tokens = torch.randint(0, TINY["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(tokens)
+    errs = {}
+    for method in ["rtn", "awq"]:
+        m = tiny_model(seed=4)
+        clips = quantize_model(m, plan, method, calib, log=lambda s: None)
+        with torch.no_grad():
+            errs[method] = ((m(tokens) - ref) ** 2).mean().item()
+        if method == "awq":
+            assert set(clips) and all(not n.endswith(("wq", "wk")) for n in clips)
+            w2 = "layers.0.feed_forward.w2"
+            assert clips[w2].shape == (TINY["dim"], TINY["intermediate_size"] // 32)
+    assert errs["awq"] < errs["rtn"]
+
+
+def test_awq_clip_search_never_worse_than_no_clip():
+    from quantize import _fake_quantize, awq_search_clip
+    torch.manual_seed(7)
+    w = torch.randn(16, 64)
+    w[:, 5] *= 8  # an outlier column stretches every group's range
+    x = torch.randn(256, 64)
+    fmt = QuantFormat(2, 32)
+    clip = awq_search_clip(x, w, fmt)
+    err = lambda wq: ((x @ (wq - w).T) ** 2).mean().item()  # noqa: E731
+    assert err(_fake_quantize(w, fmt, clip)) <= err(_fake_quantize(w, fmt))
+    assert (clip < w.abs().view(16, 2, 32).amax(-1)).any()  # it does clip somewhere
