@@ -1,0 +1,129 @@
+"""Quality, size and speed of each quantized format on one model: the table in BENCHMARKS.md.
+
+    python scripts/bench_quant.py                                  # every config, default model
+    python scripts/bench_quant.py --configs float,int4-g128-asym:gptq --max_tokens 50000 --no_speed
+
+A config is FORMAT[:METHOD] (METHOD rtn|gptq|awq, default rtn) or `float`, or `recipe:PATH` (a hybrid JSON).
+Perplexity: eval/perplexity.py's protocol on the BoolQ and LAMBADA evaluation splits; calibration draws from
+the BoolQ calibration split (disjoint). Speed: compiled CPU decode, bf16 activations, median of runs.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch  # noqa: E402
+
+from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint, save_quantized  # noqa: E402
+from cli import run  # noqa: E402
+from eval.data import calibration_batches, corpus_text  # noqa: E402
+from eval.perplexity import perplexity  # noqa: E402
+from generate import compile_fns, generate  # noqa: E402
+from quantize import QuantFormat, linear_names, quantize_model, resolve_recipe  # noqa: E402
+
+DEFAULT_CONFIGS = ("float,int8,int4-g128-asym:rtn,int4-g128-asym:gptq,int4-g128-asym:awq,int4-g64-sym:rtn,"
+                   "int3-g128-asym:rtn,int3-g128-asym:gptq,int3-g128-asym:awq,"
+                   "int2-g64-asym:rtn,int2-g64-asym:gptq,int2-g64-asym:awq")
+
+
+def build(ckpt, config: str, calib, out_dir: Path, quantize_output: bool):
+    """Quantize the float checkpoint per config into out_dir; returns the folder to load."""
+    if config == "float":
+        return ckpt
+    model = load_model(ckpt)
+    if config.startswith("recipe:"):
+        recipe, method = json.loads(Path(config[7:]).read_text()), "rtn"
+    else:
+        fmt_text, _, method = config.partition(":")
+        fmt = QuantFormat.parse(fmt_text)
+        recipe = {"default": fmt.name}
+        if quantize_output:  # the head at the body's format where a fast kernel exists for it, else int8
+            recipe["layers"] = {"output": fmt.name if fmt.bits in (4, 8) else "int8"}
+    plan = resolve_recipe(recipe, linear_names(model))
+    quantize_model(model, plan, method or "rtn", calib if method in ("gptq", "awq") else None, log=lambda s: None)
+    return save_quantized(model, plan, ckpt, out_dir / config.replace(":", "_").replace("/", "_"),
+                          {"method": method or "rtn"})
+
+
+def decode_speed(ckpt, prompt, new_tokens, runs):
+    torch._dynamo.reset()
+    model = load_model(ckpt, dtype=torch.bfloat16)
+    model.setup_caches(1, -(-(prompt.numel() + new_tokens) // 64) * 64, dtype=torch.bfloat16)
+    prefill_fn, decode_fn = compile_fns("cpu")
+    speeds = []
+    for _ in range(runs + 1):  # the first run compiles
+        speeds.append(generate(model, prompt, new_tokens, prefill_fn=prefill_fn, decode_fn=decode_fn)[1].decode_tokens_per_s)
+    return statistics.median(speeds[1:])
+
+
+def bits_per_weight(ckpt) -> float:
+    cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    recipe = (cfg.get("quantization") or {}).get("recipe")
+    if not recipe:
+        return 32.0
+    model = load_model(ckpt)
+    total = bits = 0
+    for name in linear_names(model):
+        m = model.get_submodule(name)
+        n, k = m.out_features, m.in_features
+        fmt = QuantFormat.parse(recipe[name]) if recipe.get(name, "float") != "float" else None
+        bits += n * k * (fmt.bits_per_weight(k) if fmt else 32)
+        total += n * k
+    return bits / total
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS)
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--max_tokens", type=int, default=None, help="tokens per text (default: whole eval split)")
+    p.add_argument("--calib_samples", type=int, default=128)
+    p.add_argument("--calib_seqlen", type=int, default=512)
+    p.add_argument("--no_quantize_output", action="store_true", help="keep the output head (and tied embedding) float")
+    p.add_argument("--no_speed", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="threads for the decode-speed runs")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--keep", help="folder to keep the quantized checkpoints in (default: a temp folder)")
+    a = p.parse_args()
+    ckpt = resolve_checkpoint(a.checkpoint)
+    tok = load_tokenizer_for(ckpt)
+    texts = {}
+    for name in ("boolq", "lambada"):
+        ids = torch.tensor(tok.encode(corpus_text(name, "eval"), bos=tok.add_bos, allow_special=False))
+        texts[name] = ids[:a.max_tokens] if a.max_tokens else ids
+    calib = calibration_batches(tok, a.calib_samples, a.calib_seqlen, "boolq", seed=0)
+    prompt = torch.tensor(tok.encode(tok.apply_chat_template([{"role": "user", "content": "Tell me about Rome."}])),
+                          dtype=torch.int)
+    out_root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bitfast-bench-"))
+    print(f"model {ckpt} | perplexity: context {a.context}, tokens scored: "
+          + ", ".join(f"{n} {(t.numel() // a.context) * (a.context - 1)}" for n, t in texts.items())
+          + f" | calibration: {a.calib_samples} x {a.calib_seqlen} BoolQ tokens | decode: compiled, bf16, "
+          f"{a.threads} thread(s), median of {a.runs} | output head quantized: {not a.no_quantize_output}")
+    print("\n| config | bits/weight (linears) | size MB | ppl BoolQ | ppl LAMBADA | decode tok/s | quantize s |")
+    print("|---|---|---|---|---|---|---|")
+    for config in a.configs.split(","):
+        t0 = time.perf_counter()
+        torch.set_num_threads(os.cpu_count())  # quantizing and scoring use every core; decode uses --threads
+        q = build(ckpt, config, calib, out_root, not a.no_quantize_output)
+        qtime = time.perf_counter() - t0
+        model = load_model(q)
+        ppl = {n: perplexity(model, t, a.context)["ppl"] for n, t in texts.items()}
+        del model
+        size = (Path(q) / "model.safetensors").stat().st_size / 1e6
+        speed = ""
+        if not a.no_speed:
+            torch.set_num_threads(a.threads)
+            speed = f"{decode_speed(q, prompt, a.new_tokens, a.runs):.1f}"
+        print(f"| {config} | {bits_per_weight(q):.2f} | {size:.1f} | {ppl['boolq']:.3f} | {ppl['lambada']:.3f} | "
+              f"{speed} | {qtime:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    run(main)
