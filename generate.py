@@ -13,11 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint
-from cli import run
+from cli import add_device_args, run, setup_device
 from model import Transformer
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------- sampling
@@ -188,9 +186,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    add_device_args(p)
     p.add_argument("--max_seq_length", type=int, default=None, help="KV cache length (default: fits the request)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -204,11 +200,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA GPU is available")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    dtype = setup_device(args)
     torch.manual_seed(args.seed)
     ckpt = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer_for(ckpt)

@@ -19,9 +19,8 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint  # noqa: E402
-from cli import run  # noqa: E402
+from cli import add_device_args, run, setup_device  # noqa: E402
 from eval.data import corpus_text, load_text_file  # noqa: E402
-from generate import DTYPES  # noqa: E402
 
 
 @torch.inference_mode()
@@ -56,9 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=2048, help="window length in tokens")
     p.add_argument("--batch_size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens of the stream")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    add_device_args(p)
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch_size must be at least 1")
@@ -69,11 +66,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA GPU is available")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    dtype = setup_device(args)
     # Read the text first: a bad file or corpus name fails before the model loads.
     if args.text_file:
         text, source = load_text_file(args.text_file), f"{args.text_file} (whole file)"

@@ -5,24 +5,23 @@ offset to signed), `scales`/`zeros` per group ([N, G]; zeros None = symmetric, 2
 import torch
 import torch.nn.functional as F
 
-from kernels.packing import unpack
+from kernels.packing import dequantize
 
 
 def dequantize_weight(qweight, scales, zeros, bits: int, group_size: int, k: int) -> torch.Tensor:
-    """Float32 [N, K] weight; a ragged last group (group_size not dividing K) is cut to fit."""
-    q = qweight.float() + 128 if bits == 8 else unpack(qweight, bits, k).float()
-    g = group_size or k
-    s = scales.float().repeat_interleave(g, dim=1)[:, :k]
-    z = 2 ** (bits - 1) if zeros is None else zeros.float().repeat_interleave(g, dim=1)[:, :k]
-    return (q - z) * s
+    """Float32 [N, K] weight as QuantLinear stores it (8-bit codes offset to signed int8)."""
+    if bits == 8:
+        return (qweight.float() + 128 - (128 if zeros is None else zeros.float())) * scales.float()
+    return dequantize(qweight, scales, zeros, bits, group_size or k, k)
 
 
 def quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, k: int) -> torch.Tensor:
     rows = x.shape[:-1].numel()
-    if x.device.type == "cuda" and bits in (2, 3, 4) and (group_size == 0 or k % group_size == 0):
+    g = group_size or k
+    if x.device.type == "cuda" and bits in (2, 3, 4) and k % g == 0 and g % 16 == 0:  # the Triton kernels' tiling
         from kernels.triton_quant import quant_matmul
         z = zeros if zeros is not None else torch.full_like(scales, 2 ** (bits - 1))
-        y = quant_matmul(x.reshape(rows, k), qweight, scales, z, bits, group_size or k)
+        y = quant_matmul(x.reshape(rows, k), qweight, scales, z, bits, g)
         return y.view(*x.shape[:-1], -1)
     if x.device.type == "cpu" and bits == 8:
         if rows == 1 and torch.compiler.is_compiling():

@@ -96,14 +96,18 @@ def unpack_int3(packed: torch.Tensor) -> torch.Tensor:
     return unpack(packed, 3, packed.shape[-1] // 3 * 8)
 
 
-def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros, bits: int, group_size: int,
                k: int) -> torch.Tensor:
-    """float32 [..., K] weights (q - z) * s from packed codes and per-group scales and zeros [..., K // group_size]."""
-    if group_size <= 0 or k % group_size:
-        raise ValueError(f"group_size must divide K={k}, got {group_size}")
+    """float32 [..., K] weights (q - z) * s from packed codes and per-group scales and zeros
+    [..., ceil(K / group_size)]; when group_size does not divide K the last group is shorter.
+    zeros None means symmetric: z = 2^(bits-1)."""
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
     q = unpack(packed, bits, k).float()
-    groups = (*q.shape[:-1], k // group_size)
-    if scales.shape != groups or zeros.shape != groups:
-        raise ValueError(f"scales and zeros must have shape {groups}, got {tuple(scales.shape)} and {tuple(zeros.shape)}")
-    q = q.unflatten(-1, (-1, group_size))
-    return ((q - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).flatten(-2)
+    groups = (*q.shape[:-1], -(-k // group_size))
+    if scales.shape != groups or (zeros is not None and zeros.shape != groups):
+        raise ValueError(f"scales and zeros must have shape {groups}, got {tuple(scales.shape)} and "
+                         f"{None if zeros is None else tuple(zeros.shape)}")
+    s = scales.float().repeat_interleave(group_size, dim=-1)[..., :k]
+    z = 2 ** (bits - 1) if zeros is None else zeros.float().repeat_interleave(group_size, dim=-1)[..., :k]
+    return (q - z) * s

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint  # noqa: E402
-from cli import run  # noqa: E402
-from generate import DTYPES, compile_fns, decode_one_token, generate, prefill, weight_bytes  # noqa: E402
+from cli import DTYPES, run  # noqa: E402
+from generate import compile_fns, decode_one_token, generate, prefill, weight_bytes  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
