@@ -368,7 +368,11 @@ def _blockwise(model, calib, quantize_block, log, what):
 
 def _capture_inputs(block, x, freqs, modules: dict, on_input):
     """Run the block over x (one sample at a time) calling on_input(name, activations) for each module."""
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: on_input(n, inp[0])) for n, m in modules.items()]
+    def hook(name):
+        def record(module, inputs, output):
+            on_input(name, inputs[0])  # returns None: a hook's return value would replace the output
+        return record
+    hooks = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
     try:
         for j in range(x.shape[0]):
             block(x[j:j + 1], freqs, None, None)
