@@ -6,12 +6,15 @@
 // significant bits) times a power-of-two scale per "lane" of 4-16 consecutive codes, so the inner loop is
 // vpdpbusd (64 exact u8 x s8 products per instruction) on codes unpacked with one or two bit ops per 64
 // codes; digits and lane scales are recombined in float once per 64 packed bytes. Relative to the largest x
-// in its lane each x keeps 21 bits (fp32) or 13 bits (bf16). Elsewhere a plain float loop does the same sum.
-#include <torch/extension.h>
+// in its lane each x keeps 21 bits (fp32) or 13 bits (bf16). vpdpbusd throughput bounds it (3 per 64 codes
+// for fp32 x, whatever the bits), so 4 rows of W share each load of x, and rows are prefetched in software.
+// Without AVX-512 VNNI + VBMI, or for 2-bit groups that are not a multiple of 16 codes, a plain float loop
+// does the same sum.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -35,14 +38,18 @@ struct Prep {
   int64_t K, G, g;          // codes per row, groups per row, group size
   int64_t M, row_bytes;     // rows of x, packed bytes per row of W
   std::vector<float> X;     // [M, G] per-group sums of x (as the kernel sees x)
-  std::vector<float> xs;    // plain path: [M, codes per word, K / codes per word] x de-interleaved by slot
+  std::vector<float> xs;    // plain path: [M, codes per word, K / codes per word] x de-interleaved by slot;
+                            // AVX-512 path: scratch
   // AVX-512 path
   int64_t chunks = 0;
+  std::vector<float> lane_sum;           // scratch
+  std::vector<int64_t> group_of;         // scratch
   std::vector<Line<int8_t>> digits;      // [M, chunks, digits, slots]
   std::vector<Line<float>> lane_scale;   // [M, chunks]
   std::vector<Line<int32_t>> lane_group; // [chunks] group of each lane, relative to chunk_group
   std::vector<int64_t> chunk_group;      // [chunks] first group a chunk touches
   std::vector<uint16_t> group_mask;      // [chunks] which of the 16 scales from chunk_group exist
+  bool one_group_per_chunk = false;      // then a chunk's scale is s[chunk_group]
 };
 
 template <typename ST>
@@ -65,8 +72,8 @@ struct Out {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Plain path: per group, sum over packed words of code * x, x de-interleaved so each slot of a word reads a
-// contiguous stream (auto-vectorizes for 2/4/8 bits).
+// Plain path: one pass over a row's packed words summing code * x * scale of the word's group, x de-interleaved
+// so that each slot of a word reads a contiguous stream: the loop auto-vectorizes.
 
 void prep_plain(Prep& p, const float* x, int bits) {
   const int W = bits == 3 ? 8 : 8 / bits;
@@ -85,27 +92,32 @@ void prep_plain(Prep& p, const float* x, int bits) {
 
 template <int B, typename ST>
 void rows_plain(const Weights<ST>& w, const Prep& p, int64_t n0, int64_t n1, const Out& y) {
-  constexpr int W = B == 3 ? 8 : 8 / B;  // codes per packed word
+  constexpr int W = B == 3 ? 8 : 8 / B;  // codes per packed word; g is a multiple of W (or G == 1)
   constexpr uint32_t mask = (1u << B) - 1;
   const int64_t KW = p.K / W;
+  std::vector<float> word_scale(KW);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.q + n * p.row_bytes;
+    const ST* s = w.s + n * p.G;
+    for (int64_t gi = 0; gi < p.G; ++gi) {
+      std::fill(&word_scale[gi * p.g / W], &word_scale[0] + std::min(p.K, (gi + 1) * p.g) / W, float(s[gi]));
+    }
     for (int64_t m = 0; m < p.M; ++m) {
       const float* xs = p.xs.data() + m * p.K;
-      float out = 0.f;
-      for (int64_t gi = 0; gi < p.G; ++gi) {
-        const int64_t j0 = gi * p.g / W, j1 = std::min(p.K, (gi + 1) * p.g) / W, i = n * p.G + gi;
-        float acc = 0.f;
+      float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t j = j0; j < j1; ++j) {
-          uint32_t word = B == 3 ? row[3 * j] | row[3 * j + 1] << 8 | row[3 * j + 2] << 16 : row[j];
-          if (B == 8) word ^= 0x80;  // stored as q - 128
-          for (int k = 0; k < W; ++k) acc += float((word >> (B * k)) & mask) * xs[k * KW + j];
-        }
-        const float z = w.zf ? w.zf[i] : w.zb ? float(w.zb[i]) : w.z0;
-        out += float(w.s[i]) * (acc - z * p.X[m * p.G + gi]);
+      for (int64_t j = 0; j < KW; ++j) {
+        uint32_t word = B == 3 ? row[3 * j] | row[3 * j + 1] << 8 | row[3 * j + 2] << 16 : row[j];
+        if (B == 8) word ^= 0x80;  // stored as q - 128
+        float t = 0.f;
+        for (int k = 0; k < W; ++k) t += float(int32_t((word >> (B * k)) & mask)) * xs[k * KW + j];
+        acc += word_scale[j] * t;
       }
-      y.put(m, n, out);
+      for (int64_t gi = 0, i = n * p.G; gi < p.G; ++gi, ++i) {  // zero points
+        const float z = w.zf ? w.zf[i] : w.zb ? float(w.zb[i]) : w.z0;
+        acc -= float(s[gi]) * z * p.X[m * p.G + gi];
+      }
+      y.put(m, n, acc);
     }
   }
 }
@@ -162,9 +174,20 @@ void prep_avx512(Prep& p, const float* x) {
   constexpr int S = slots<B>(), C = chunk_codes<B>(), CPL = lane_codes<B>();
   constexpr int SHIFT = ND == 3 ? 20 : 12;
   p.chunks = (p.K + C - 1) / C;
+  const int64_t lanes = p.chunks * 16;
   p.digits.resize(p.M * p.chunks * ND * S);
   p.lane_scale.resize(p.M * p.chunks);
-  std::vector<float> xf(p.chunks * C), lane_sum(p.chunks * 16);
+  std::vector<float>& xf = p.xs;  // one row of x, zero padded to whole chunks
+  xf.resize(p.chunks * C);
+  std::vector<float>& lane_sum = p.lane_sum;
+  lane_sum.resize(lanes);
+  // Group of every lane, clamped to the last group past K; g is a multiple of CPL (or G == 1).
+  std::vector<int64_t>& group_of = p.group_of;
+  group_of.resize(lanes);
+  for (int64_t l = 0, gi = 0; l < lanes; ++l) {
+    if (l * CPL >= (gi + 1) * p.g) ++gi;
+    group_of[l] = std::min(gi, p.G - 1);
+  }
   const __m512i first_of_4 = idx_epi32([](int i) { return 4 * (i % 4); });
   for (int64_t m = 0; m < p.M; ++m) {
     std::copy(x + m * p.K, x + (m + 1) * p.K, xf.begin());
@@ -172,20 +195,21 @@ void prep_avx512(Prep& p, const float* x) {
     for (int64_t c = 0; c < p.chunks; ++c) {
       int8_t* dc = p.digits[(m * p.chunks + c) * ND * S].v;
       for (int q = 0; q < 4; ++q) {  // lanes 4q..4q+3: bytes 16q..16q+15 of each slot
+        // Max |x| of each lane, in every element of it; as integers, so that a NaN wins (bits: NaN > inf > finite).
         __m512 v[S];
-        __m512 mx = _mm512_setzero_ps();
+        __m512i mx = _mm512_setzero_si512();
         for (int s = 0; s < S; ++s) {
           v[s] = stream_x<B>(xf.data() + c * C, q, s);
-          mx = _mm512_max_ps(mx, _mm512_abs_ps(v[s]));
+          mx = _mm512_max_epi32(mx, _mm512_castps_si512(_mm512_abs_ps(v[s])));
         }
-        mx = _mm512_max_ps(mx, _mm512_permute_ps(mx, 0xB1));
-        mx = _mm512_max_ps(mx, _mm512_permute_ps(mx, 0x4E));  // every element: max |x| of its lane
+        mx = _mm512_max_epi32(mx, _mm512_shuffle_epi32(mx, _MM_PERM_CDAB));
+        mx = _mm512_max_epi32(mx, _mm512_shuffle_epi32(mx, _MM_PERM_BADC));
         // e = floor(log2 max), clamped so that 2^(SHIFT - e) and 2^(e - SHIFT) are normal floats.
-        __m512i e = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_castps_si512(mx), 23), _mm512_set1_epi32(127));
+        __m512i e = _mm512_sub_epi32(_mm512_srli_epi32(mx, 23), _mm512_set1_epi32(127));
         e = _mm512_max_epi32(e, _mm512_set1_epi32(-100));
         const __m512 inv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(127 + SHIFT), e), 23));
         __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127 - SHIFT)), 23));
-        scale = _mm512_add_ps(scale, _mm512_mul_ps(mx, _mm512_setzero_ps()));  // inf / nan in x -> nan out
+        scale = _mm512_add_ps(scale, _mm512_mul_ps(_mm512_castsi512_ps(mx), _mm512_setzero_ps()));  // inf, nan -> nan
         __m512i sum = _mm512_setzero_si512();
         for (int s = 0; s < S; ++s) {
           __m512i X = _mm512_cvtps_epi32(_mm512_mul_ps(v[s], inv));
@@ -204,21 +228,40 @@ void prep_avx512(Prep& p, const float* x) {
         _mm_storeu_ps(lane_sum.data() + c * 16 + 4 * q, _mm512_castps512_ps128(_mm512_permutexvar_ps(first_of_4, lsum)));
       }
     }
-    // Lanes lie within one group, so group sums are sums of lane sums.
-    std::vector<double> X(p.G, 0.0);
-    for (int64_t l = 0; l * CPL < p.K; ++l) X[l * CPL / p.g] += lane_sum[l];
-    std::copy(X.begin(), X.end(), p.X.begin() + m * p.G);
+    // Lanes lie within one group, so group sums are sums of lane sums (zero past K).
+    double sum = 0;
+    for (int64_t l = 0; l < lanes; ++l) {
+      sum += lane_sum[l];
+      if (l + 1 == lanes || group_of[l + 1] != group_of[l]) {
+        p.X[m * p.G + group_of[l]] = float(sum);
+        sum = 0;
+      }
+    }
   }
   // Scales of one chunk: up to 16 consecutive groups from chunk_group, lane L uses lane_group[L] of them.
+  p.one_group_per_chunk = p.g % C == 0 || p.G == 1;
   p.lane_group.resize(p.chunks);
   p.chunk_group.resize(p.chunks);
   p.group_mask.resize(p.chunks);
   for (int64_t c = 0; c < p.chunks; ++c) {
-    const int64_t first = c * C / p.g, count = std::min<int64_t>(16, p.G - first);
+    const int64_t first = group_of[c * 16];
     p.chunk_group[c] = first;
-    p.group_mask[c] = uint16_t((1u << count) - 1);
-    for (int L = 0; L < 16; ++L) p.lane_group[c].v[L] = int32_t(std::min(p.G - 1, (c * C + L * CPL) / p.g) - first);
+    p.group_mask[c] = uint16_t((1u << std::min<int64_t>(16, p.G - first)) - 1);
+    for (int L = 0; L < 16; ++L) p.lane_group[c].v[L] = int32_t(group_of[c * 16 + L] - first);
   }
+}
+
+// The horizontal sums of a[0..3].
+inline __m128 hsum4(const __m512* a) {
+  // per 128-bit lane: a01 = [a0 el 0+2, a1 el 0+2, a0 el 1+3, a1 el 1+3], a23 likewise
+  const __m512 a01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+  const __m512 a23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+  // per 128-bit lane: [a0, a1, a2, a3] summed over that lane
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(a01, a23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(a01, a23, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 template <int B>
@@ -235,8 +278,9 @@ inline __m512i unpack_slot(__m512i d, int s) {
   }
 }
 
-template <int B, int ND, typename ST>
-void rows_avx512(const Weights<ST>& w, const Prep& p, int64_t n0, int64_t n1, const Out& y) {
+// Rows n..n+R-1 of W times every row of x; R rows share each load of x.
+template <int B, int ND, int R, typename ST>
+void block_avx512(const Weights<ST>& w, const Prep& p, int64_t n, const Out& y) {
   constexpr int S = slots<B>(), CB = chunk_bytes<B>();
   // int3: dword lane L <- bytes 3L, 3L+1, 3L+2 (the 4th byte is masked off when unpacking)
   const __m512i word_idx = _mm512_set_epi8(
@@ -245,45 +289,90 @@ void rows_avx512(const Weights<ST>& w, const Prep& p, int64_t n0, int64_t n1, co
       11, 11, 10, 9, 8, 8, 7, 6, 5, 5, 4, 3, 2, 2, 1, 0);
   // chunks [0, full) can be read as whole 64-byte vectors
   const int64_t full = p.row_bytes < 64 ? 0 : (p.row_bytes - 64) / CB + 1;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.q + n * p.row_bytes;
-    const ST* s = w.s + n * p.G;
-    for (int64_t m = 0; m < p.M; ++m) {
-      const Line<int8_t>* xd = p.digits.data() + m * p.chunks * ND * S;
-      const Line<float>* sx = p.lane_scale.data() + m * p.chunks;
-      // acc += (lane sums of q * digits) * lane scale of x * group scale of W
-      auto chunk = [&](__m512 acc, __m512i d, int64_t c) {
-        if constexpr (B == 3) d = _mm512_permutexvar_epi8(word_idx, d);
-        __m512i v[S];
-        for (int i = 0; i < S; ++i) v[i] = unpack_slot<B>(d, i);
-        const int8_t* x = xd[c * ND * S].v;
-        __m512i t = _mm512_setzero_si512();
-        for (int i = 0; i < ND; ++i) {  // most significant digit first, shifting the sum up a digit between
-          if (i) t = _mm512_slli_epi32(t, 8);
-          for (int j = 0; j < S; ++j) t = _mm512_dpbusd_epi32(t, v[j], _mm512_load_si512(x + (i * S + j) * 64));
-        }
-        const __m512 sv = _mm512_permutexvar_ps(_mm512_load_si512(p.lane_group[c].v),
-                                                load16(s + p.chunk_group[c], p.group_mask[c]));
-        return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(t), _mm512_load_ps(sx[c].v)), sv, acc);
-      };
-      __m512 acc = _mm512_setzero_ps();
-      int64_t c = 0;
-      for (; c < full; ++c) acc = chunk(acc, _mm512_loadu_si512(row + c * CB), c);
-      for (; c < p.chunks; ++c) {
-        const int64_t left = std::min<int64_t>(p.row_bytes - c * CB, CB);
-        acc = chunk(acc, _mm512_maskz_loadu_epi8((1ULL << left) - 1, row + c * CB), c);
-      }
-      // zero points: - sum_g s z X
-      const float* X = p.X.data() + m * p.G;
+  const int64_t far = std::max<int64_t>(R * p.row_bytes, 8192);
+  const uint8_t* rows = w.q + n * p.row_bytes;
+  const ST* s = w.s + n * p.G;
+  const bool one_group_per_chunk = p.one_group_per_chunk;
+  // Scales and zeros of the rows whose weights the loop below prefetches (see there).
+  for (int64_t i = (n + far / p.row_bytes) * p.G, e = i + R * p.G; i < e; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(w.s + i), _MM_HINT_T1);
+    if (w.zf) _mm_prefetch(reinterpret_cast<const char*>(w.zf + i), _MM_HINT_T1);
+    if (w.zb) _mm_prefetch(reinterpret_cast<const char*>(w.zb + i), _MM_HINT_T1);
+  }
+  for (int64_t m = 0; m < p.M; ++m) {
+    const Line<int8_t>* xd = p.digits.data() + m * p.chunks * ND * S;
+    const Line<float>* sx = p.lane_scale.data() + m * p.chunks;
+    // Zero points first (acc = - sum_g s z X), off the critical path at the end of the block.
+    const float* X = p.X.data() + m * p.G;
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_setzero_ps();
       for (int64_t g = 0; g < p.G; g += 16) {
         const __mmask16 k = p.G - g >= 16 ? 0xFFFF : (1u << (p.G - g)) - 1;
-        const int64_t i = n * p.G + g;
+        const int64_t i = (n + r) * p.G + g;
         const __m512 z = w.zf ? load16(w.zf + i, k) : w.zb ? load16(w.zb + i, k) : _mm512_set1_ps(w.z0);
-        acc = _mm512_fnmadd_ps(_mm512_mul_ps(load16(s + g, k), z), _mm512_maskz_loadu_ps(k, X + g), acc);
+        acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(load16(s + r * p.G + g, k), z), _mm512_maskz_loadu_ps(k, X + g), acc[r]);
       }
-      y.put(m, n, _mm512_reduce_add_ps(acc));
+    }
+    // acc += (lane sums of q * digits of x) * lane scale of x * group scale of W
+    auto chunk = [&](const __m512i* d, int64_t c) {
+      __m512i v[R][S], t[R];
+      for (int r = 0; r < R; ++r) {
+        const __m512i dr = B == 3 ? _mm512_permutexvar_epi8(word_idx, d[r]) : d[r];
+        for (int i = 0; i < S; ++i) v[r][i] = unpack_slot<B>(dr, i);
+        t[r] = _mm512_setzero_si512();
+      }
+      const int8_t* x = xd[c * ND * S].v;
+      for (int i = 0; i < ND; ++i) {  // most significant digit first, shifting the sums up a digit between
+        for (int r = 0; r < R && i; ++r) t[r] = _mm512_slli_epi32(t[r], 8);
+        for (int j = 0; j < S; ++j) {
+          const __m512i xv = _mm512_load_si512(x + (i * S + j) * 64);
+          for (int r = 0; r < R; ++r) t[r] = _mm512_dpbusd_epi32(t[r], v[r][j], xv);
+        }
+      }
+      const __m512 lane_scale = _mm512_load_ps(sx[c].v);
+      const int64_t first = p.chunk_group[c];
+      for (int r = 0; r < R; ++r) {
+        const ST* sr = s + r * p.G + first;
+        const __m512 sv = one_group_per_chunk
+            ? _mm512_set1_ps(float(*sr))
+            : _mm512_permutexvar_ps(_mm512_load_si512(p.lane_group[c].v), load16(sr, p.group_mask[c]));
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(t[r]), lane_scale), sv, acc[r]);
+      }
+    };
+    __m512i d[R];
+    int64_t c = 0;
+    for (; c < full; ++c) {
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* a = rows + r * p.row_bytes + c * CB;
+        d[r] = _mm512_loadu_si512(a);
+        // Interleaved rows defeat much of the hardware prefetching: ask for the same bytes of the next block
+        // (at least 8 KB ahead) into L2 and for 2 KB ahead into L1.
+        _mm_prefetch(reinterpret_cast<const char*>(a + far), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(a + 2048), _MM_HINT_T0);
+      }
+      chunk(d, c);
+    }
+    for (; c < p.chunks; ++c) {
+      const __mmask64 k = (1ULL << std::min<int64_t>(p.row_bytes - c * CB, CB)) - 1;
+      for (int r = 0; r < R; ++r) d[r] = _mm512_maskz_loadu_epi8(k, rows + r * p.row_bytes + c * CB);
+      chunk(d, c);
+    }
+    if constexpr (R == 4) {
+      alignas(16) float out[4];
+      _mm_store_ps(out, hsum4(acc));
+      for (int r = 0; r < R; ++r) y.put(m, n + r, out[r]);
+    } else {
+      y.put(m, n, _mm512_reduce_add_ps(acc[0]));
     }
   }
+}
+
+template <int B, int ND, typename ST>
+void rows_avx512(const Weights<ST>& w, const Prep& p, int64_t n0, int64_t n1, const Out& y) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) block_avx512<B, ND, 4>(w, p, n, y);
+  for (; n < n1; ++n) block_avx512<B, ND, 1>(w, p, n, y);
 }
 #endif
 
@@ -311,33 +400,35 @@ template <typename ST>
 void run(Prep& p, const float* x, bool bf16_x, int64_t bits, const Weights<ST>& w, int64_t N, const Out& y) {
   RowsFn<ST> rows = bits == 2 ? prepare<2, ST>(p, x, bf16_x) : bits == 3 ? prepare<3, ST>(p, x, bf16_x)
                   : bits == 4 ? prepare<4, ST>(p, x, bf16_x) : prepare<8, ST>(p, x, bf16_x);
-  // Tasks of at least ~16 KB of weights: smaller ones cost more to hand out than they save.
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / p.row_bytes), [&](int64_t n0, int64_t n1) {
+  // Tasks of at least ~64 KB of weights: smaller ones cost more to hand out than they save.
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / p.row_bytes), [&](int64_t n0, int64_t n1) {
     rows(w, p, n0, n1, y);
   });
 }
 
 }  // namespace
 
-torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                         std::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size) {
+// x [..., K] -> [..., N]; the schema is defined in kernels/cpu_quant.py.
+at::Tensor quant_gemv(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "quant_gemv: bits must be 2, 3, 4 or 8, got ", bits);
-  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scales.device().is_cpu(),
+  TORCH_CHECK(x_in.device().is_cpu() && qweight.device().is_cpu() && scales.device().is_cpu(),
               "quant_gemv: all tensors must be on the CPU");
-  TORCH_CHECK(x.dim() == 2, "quant_gemv: x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) > 0, "quant_gemv: x must be [..., K], K > 0, got ", x_in.sizes());
+  const at::Tensor x = x_in.reshape({-1, x_in.size(-1)});
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "quant_gemv: x must be float32 or bfloat16, got ", x.scalar_type());
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t word = bits == 3 ? 8 : 8 / bits;
-  TORCH_CHECK(K > 0 && K % word == 0, "quant_gemv: ", bits, "-bit rows need K to be a positive multiple of ", word,
-              ", got K=", K);
+  TORCH_CHECK(K % word == 0, "quant_gemv: ", bits, "-bit rows need K to be a multiple of ", word, ", got K=", K);
   TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) == K * bits / 8,
               "quant_gemv: qweight must be [N, K * bits / 8] = [N, ", K * bits / 8, "], got ", qweight.sizes());
   TORCH_CHECK(qweight.scalar_type() == (bits == 8 ? at::kChar : at::kByte), "quant_gemv: ", bits,
               "-bit qweight must be ", bits == 8 ? "int8" : "uint8", ", got ", qweight.scalar_type());
   const int64_t N = qweight.size(0);
-  const int64_t g = group_size > 0 ? group_size : K;  // 0: one group per row
-  TORCH_CHECK(g % 8 == 0 || g >= K, "quant_gemv: group_size must be a multiple of 8, got ", group_size);
+  const int64_t g = group_size ? group_size : K;  // 0: one group per row
+  TORCH_CHECK(g > 0 && (g % 8 == 0 || g >= K), "quant_gemv: group_size must be 0 or a positive multiple of 8, got ",
+              group_size);
   const int64_t G = (K + g - 1) / g;
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G, "quant_gemv: scales must be [N, ",
               "ceil(K / group_size)] = [", N, ", ", G, "], got ", scales.sizes());
@@ -358,10 +449,14 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   const bf16* zb = asym && zc.scalar_type() == at::kBFloat16 ? zc.data_ptr<bf16>() : nullptr;
   const float z0 = float(1 << (bits - 1));
   const auto* q = static_cast<const uint8_t*>(qw.data_ptr());
-  at::Tensor y = at::empty({M, N}, x.options());
+  std::vector<int64_t> y_shape = x_in.sizes().vec();
+  y_shape.back() = N;
+  at::Tensor y = at::empty(y_shape, x.options());
   const bool bf16_x = x.scalar_type() == at::kBFloat16;
   const Out out{bf16_x ? nullptr : y.data_ptr<float>(), bf16_x ? y.data_ptr<bf16>() : nullptr, N};
-  Prep p{K, G, g, M, K * bits / 8, std::vector<float>(M * G)};
+  thread_local Prep p;  // keeps its buffers from call to call
+  p.K = K, p.G = G, p.g = g, p.M = M, p.row_bytes = K * bits / 8;
+  p.X.resize(M * G);
   if (sc.scalar_type() == at::kFloat) {
     run(p, xf.data_ptr<float>(), bf16_x, bits, Weights<float>{q, sc.data_ptr<float>(), zf, zb, z0}, N, out);
   } else {
@@ -370,8 +465,6 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quant_gemv", &quant_gemv, "y = x @ dequantize(qweight, scales, zeros).T for small M",
-        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bits"),
-        py::arg("group_size"));
+TORCH_LIBRARY_IMPL(bitfast, CPU, m) {
+  m.impl("quant_gemv", &quant_gemv);
 }

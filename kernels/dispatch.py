@@ -5,7 +5,11 @@ offset to signed), `scales`/`zeros` per group ([N, G]; zeros None = symmetric, 2
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_quant import cpu_kernels_available, quant_gemv
 from kernels.packing import dequantize
+
+GEMV_MAX_ROWS = 8  # up to this many rows of x (decode, small batches) the GEMV kernels win; beyond, GEMM
+_cpu_kernels = None  # built/checked once on the first eager call; compiled graphs read the answer
 
 
 def dequantize_weight(qweight, scales, zeros, bits: int, group_size: int, k: int) -> torch.Tensor:
@@ -16,6 +20,7 @@ def dequantize_weight(qweight, scales, zeros, bits: int, group_size: int, k: int
 
 
 def quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, k: int) -> torch.Tensor:
+    global _cpu_kernels
     rows = x.shape[:-1].numel()
     g = group_size or k
     if x.device.type == "cuda" and bits in (2, 3, 4) and k % g == 0 and g % 16 == 0:  # the Triton kernels' tiling
@@ -23,11 +28,9 @@ def quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, k: int) 
         z = zeros if zeros is not None else torch.full_like(scales, 2 ** (bits - 1))
         y = quant_matmul(x.reshape(rows, k), qweight, scales, z, bits, g)
         return y.view(*x.shape[:-1], -1)
-    if x.device.type == "cpu" and bits == 8:
-        if rows == 1 and torch.compiler.is_compiling():
-            # Multiply-and-sum compiles to one vectorized loop reading the int8 weight once.
-            return ((qweight.float() * x.float().unsqueeze(-2)).sum(-1) * scales.float().view(-1)).to(x.dtype)
-        if x.dtype == torch.bfloat16 and scales.dtype == torch.bfloat16:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, k), qweight, scales.view(-1))
-            return y.view(*x.shape[:-1], -1)
+    if x.device.type == "cpu" and rows <= GEMV_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+        if _cpu_kernels is None and not torch.compiler.is_compiling():
+            _cpu_kernels = cpu_kernels_available()
+        if _cpu_kernels:
+            return quant_gemv(x, qweight, scales, zeros, bits, group_size)
     return F.linear(x, dequantize_weight(qweight, scales, zeros, bits, group_size, k).to(x.dtype))

@@ -55,12 +55,13 @@ def test_rtn_error_is_at_most_half_a_step(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_forward_equals_float64_reference(fmt, dtype):
+@pytest.mark.parametrize("rows", [(1, 1), (3, 5)], ids=["gemv", "gemm"])  # the CPU kernel vs dequantize + matmul
+def test_packed_forward_equals_float64_reference(fmt, dtype, rows):
     torch.manual_seed(1)
     k = 96
     w = torch.randn(40, k)
     layer = rtn_layer(w, fmt).to(dtype)
-    x = torch.randn(3, 5, k)
+    x = torch.randn(*rows, k)
     s, z = quant_params(w, fmt)
     ref = x.double() @ reference_weight(quantize_codes(w, s, z, fmt), s, z, fmt, k).T
     got = layer(x.to(dtype)).double()

@@ -1,0 +1,113 @@
+"""kernels/cpu_quant.py: the CPU quantized matrix-vector kernels against float64 math on random codes.
+
+The first test builds the C++ extension (about a minute, then cached); without a working compiler the tests skip
+with the build error as the reason.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kernels.cpu_quant import cpu_kernels_available, cpu_kernels_error, quant_gemv  # noqa: E402
+from kernels.packing import pack  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not cpu_kernels_available():
+        pytest.skip(f"CPU kernels unavailable: {cpu_kernels_error()}")
+
+
+def make(n, k, bits, group_size, asym, scale_dtype=torch.float32, seed=0):
+    """Packed weights as QuantLinear stores them, and the float64 W they stand for."""
+    gen = torch.Generator().manual_seed(seed)
+    g = group_size or k
+    groups = -(-k // g)
+    q = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=gen)
+    qweight = (q.to(torch.int16) - 128).to(torch.int8) if bits == 8 else pack(q, bits)
+    scales = (torch.rand(n, groups, generator=gen) + 0.5).to(scale_dtype) / 2**bits
+    zeros = (torch.rand(n, groups, generator=gen) * (2**bits - 1)).to(scale_dtype) if asym else None
+    z = zeros.double() if asym else torch.full((n, groups), 2.0 ** (bits - 1), dtype=torch.float64)
+    expand = lambda t: t.repeat_interleave(g, dim=1)[:, :k]  # noqa: E731  (ragged last group: cut)
+    return (qweight, scales, zeros), (q.double() - expand(z)) * expand(scales.double())
+
+
+def check(x, w_ref, y):
+    ref = x.double() @ w_ref.T
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    tol = 1e-5 if x.dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("group_size", [32, 64, 128])  # 128 does not divide K = 576: a ragged last group
+@pytest.mark.parametrize("asym", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3])
+def test_matches_float64(bits, group_size, asym, dtype, m):
+    weights, w_ref = make(72, 576, bits, group_size, asym, seed=bits + group_size)
+    x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).to(dtype)
+    check(x, w_ref, quant_gemv(x, *weights, bits, group_size))
+
+
+@pytest.mark.parametrize("bits,n,k,group_size,scale_dtype", [
+    (8, 40, 576, 0, torch.float32),    # int8 as QuantLinear stores it: one scale per row
+    (4, 5, 64, 64, torch.bfloat16),    # a row shorter than one 64-byte vector; bf16 scales and zeros
+    (3, 9, 1000, 40, torch.float32),   # groups not a power of two, 3-bit rows ending inside a word triple
+    (2, 33, 576, 24, torch.bfloat16),  # 2-bit groups of 8 mod 16 take the plain (non-AVX-512) loop
+    (4, 17, 4096, 128, torch.float32),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_other_shapes(bits, n, k, group_size, scale_dtype, dtype):
+    weights, w_ref = make(n, k, bits, group_size, asym=bits != 8, scale_dtype=scale_dtype, seed=k)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(n)).to(dtype)
+    check(x, w_ref, quant_gemv(x, *weights, bits, group_size))
+
+
+def test_wide_dynamic_range_of_x():
+    """x is scaled per few elements inside the kernel: tiny values next to large ones keep their precision."""
+    weights, w_ref = make(16, 512, 4, 32, asym=True)
+    x = torch.randn(1, 512, dtype=torch.float64)
+    x[0, ::7] *= 1e4
+    x[0, 3::11] *= 1e-6
+    check(x.float(), w_ref, quant_gemv(x.float(), *weights, 4, 32))
+
+
+def test_leading_dims_and_non_finite_x():
+    weights, w_ref = make(8, 128, 4, 32, asym=True)
+    x = torch.randn(2, 3, 128)
+    y = quant_gemv(x, *weights, 4, 32)
+    assert y.shape == (2, 3, 8)
+    check(x.reshape(6, 128), w_ref, y.reshape(6, 8))
+    x[0, 0, 5] = float("inf")
+    x[1, 2, 70] = float("nan")
+    y = quant_gemv(x, *weights, 4, 32)
+    assert not y[0, 0].isfinite().any() and y[1, 2].isnan().all() and y[0, 1:].isfinite().all()
+
+
+def test_rejects_bad_inputs():
+    (qweight, scales, zeros), _ = make(8, 128, 4, 32, asym=True)
+    x = torch.randn(1, 128)
+    with pytest.raises(RuntimeError, match="bits must be 2, 3, 4 or 8"):
+        quant_gemv(x, qweight, scales, zeros, 5, 32)
+    with pytest.raises(RuntimeError, match="qweight must be"):
+        quant_gemv(x, qweight[:, :-1], scales, zeros, 4, 32)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        quant_gemv(x, qweight, scales[:, :-1], zeros, 4, 32)
+    with pytest.raises(RuntimeError, match="group_size must be"):
+        quant_gemv(x, qweight, scales, zeros, 4, 12)
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16"):
+        quant_gemv(x.double(), qweight, scales, zeros, 4, 32)
+
+
+def test_compiled_graph_matches_eager():
+    weights, _ = make(64, 256, 4, 64, asym=True)
+    x = torch.randn(1, 256)
+
+    def f(x):
+        return torch.relu(quant_gemv(x * 2, *weights, 4, 64)) + 1
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)
