@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from checkpoint import load_model, model_state_for_saving, save_checkpoint, save_quantized
 from quantize import (QuantEmbedding, QuantFormat, QuantLinear, gptq_quantize, HessianAccumulator, linear_names,
