@@ -210,8 +210,10 @@ def main(argv=None):
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     prefill_fn, decode_fn = compile_fns(args.device, args.compile_prefill) if args.compile else (prefill, decode_one_token)
     stop_ids = tokenizer.stop_ids
+    warmed = False
 
     def one_turn(text, history):
+        nonlocal warmed
         ids = build_prompt(tokenizer, text, chat, history)
         need = len(ids) + args.max_new_tokens
         size = args.max_seq_length or min(model.args.block_size, -(-need // 256) * 256)
@@ -221,6 +223,11 @@ def main(argv=None):
         if model.max_seq_length != size:
             model.setup_caches(1, size, dtype=dtype, device=args.device)
         prompt = torch.tensor(ids, dtype=torch.int, device=args.device)
+        if args.compile and not warmed:  # compile outside the timed run, so the speed report is honest
+            t0 = time.perf_counter()
+            generate(model, prompt, min(4, args.max_new_tokens), prefill_fn=prefill_fn, decode_fn=decode_fn, **sampling)
+            print(f"compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            warmed = True
         streamer = TextStreamer(tokenizer, stop_ids)
         new, stats = generate(model, prompt, args.max_new_tokens, stop_ids=stop_ids, on_token=streamer,
                               prefill_fn=prefill_fn, decode_fn=decode_fn, **sampling)
