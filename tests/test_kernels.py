@@ -178,7 +178,7 @@ def interpreted(tmp_path_factory):
     done = subprocess.run([sys.executable, __file__, str(out)], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    return torch.load(out)
+    return torch.load(out, weights_only=True)
 
 
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "-".join(map(str, c)))
