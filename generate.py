@@ -9,16 +9,17 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint
-from cli import add_device_args, run, setup_device
+from cli import DTYPES, add_device_args, run, setup_device
 from model import Transformer
 from prefill_cache import PrefillCache
+from profiling import profile_decode
 from sampling import sample
 from speculative import DraftModel, PromptLookup, speculative_decode, verify
-
 
 # ---------------------------------------------------------------- prefill and decode
 
@@ -198,8 +199,12 @@ def peak_memory_bytes(device) -> int:
 
 def speed_report(stats: GenerationStats, model_bytes: int, device) -> str:
     tps = stats.decode_tokens_per_s
-    return (f"prompt {stats.prompt_tokens} tok | time to first token {stats.time_to_first_token * 1000:.1f} ms | "
-            f"decode {stats.new_tokens} tok at {tps:.1f} tok/s | model {model_bytes / 1e6:.1f} MB | "
+    extra = f" ({stats.cached_tokens} from the prefill cache)" if stats.cached_tokens else ""
+    if stats.proposed:
+        extra += (f" | speculation kept {stats.accepted} of {stats.proposed} proposed tokens "
+                  f"({100 * stats.acceptance_rate:.0f}%)")
+    return (f"prompt {stats.prompt_tokens} tok{extra} | time to first token {stats.time_to_first_token * 1000:.1f} ms"
+            f" | decode {stats.new_tokens} tok at {tps:.1f} tok/s | model {model_bytes / 1e6:.1f} MB | "
             f"bandwidth {model_bytes * tps / 1e9:.2f} GB/s | peak memory {peak_memory_bytes(device) / 1e9:.2f} GB")
 
 
@@ -233,6 +238,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="bitfast checkpoint folder (default: SmolLM2-135M-Instruct, offline)")
     p.add_argument("--prompt", default="Hello, my name is")
+    p.add_argument("--prompt_file", help="read the prompt from this UTF-8 text file instead")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--interactive", action="store_true", help="chat loop on stdin (implies --chat)")
     p.add_argument("--max_new_tokens", type=int, default=200)
@@ -245,7 +251,23 @@ def parse_args(argv=None):
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     add_device_args(p)
     p.add_argument("--max_seq_length", type=int, default=None, help="KV cache length (default: fits the request)")
+    s = p.add_argument_group("faster generation")
+    s.add_argument("--prompt_lookup", action="store_true",
+                   help="prompt-lookup decoding: propose continuations of n-grams found in the prompt and output")
+    s.add_argument("--max_ngram", type=int, default=3, help="prompt lookup: longest n-gram to match")
+    s.add_argument("--draft_checkpoint", help="speculative decoding with this draft model (same tokenizer)")
+    s.add_argument("--draft_dtype", default=None, choices=sorted(DTYPES), help="draft dtype (default: --dtype)")
+    s.add_argument("--speculate_k", type=int, default=4, help="tokens proposed per verify step")
+    s.add_argument("--prefill_cache", metavar="DIR",
+                   help="reuse the keys/values of prompt prefixes seen before (in memory, and saved in DIR)")
+    s.add_argument("--profile", metavar="DIR", help="profile eager decode: trace in DIR, time per layer type")
     args = p.parse_args(argv)
+    if args.prompt_lookup and args.draft_checkpoint:
+        p.error("choose one of --prompt_lookup and --draft_checkpoint")
+    if args.speculate_k < 1:
+        p.error("--speculate_k must be at least 1")
+    if args.max_ngram < 1:
+        p.error("--max_ngram must be at least 1")
     if args.max_new_tokens < 1:
         p.error("--max_new_tokens must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -255,17 +277,49 @@ def parse_args(argv=None):
     return args
 
 
+def read_prompt(args) -> str:
+    if not args.prompt_file:
+        return args.prompt
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such prompt file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def load_speculator(args, tokenizer, dtype):
+    if args.prompt_lookup:
+        return PromptLookup(max_ngram=args.max_ngram)
+    if not args.draft_checkpoint:
+        return None
+    draft_ckpt = resolve_checkpoint(args.draft_checkpoint)
+    probe = "The quick brown fox, 3.14 <|im_start|> naïve"
+    if load_tokenizer_for(draft_ckpt).encode(probe) != tokenizer.encode(probe):
+        raise ValueError(f"{draft_ckpt}: the draft model's tokenizer differs from the model's")
+    draft = load_model(draft_ckpt, device=args.device, dtype=DTYPES[args.draft_dtype] if args.draft_dtype else dtype)
+    return DraftModel(draft, compile_step(verify, args.device) if args.compile else verify)
+
+
 def main(argv=None):
     args = parse_args(argv)
     dtype = setup_device(args)
     torch.manual_seed(args.seed)
+    prompt_text = read_prompt(args)
+    if args.profile and Path(args.profile).exists() and not Path(args.profile).is_dir():
+        raise NotADirectoryError(f"{args.profile}: --profile needs a directory")
     ckpt = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer_for(ckpt)
     model = load_model(ckpt, device=args.device, dtype=dtype)
     model_bytes = weight_bytes(model)
     chat = args.chat or args.interactive
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     prefill_fn, decode_fn = compile_fns(args.device, args.compile_prefill) if args.compile else (prefill, decode_one_token)
+    speculator = load_speculator(args, tokenizer, dtype)
+    verify_fn = compile_step(verify, args.device) if args.compile and speculator else verify
+    accel = {"speculator": speculator, "speculate_k": args.speculate_k, "verify_fn": verify_fn}
+    cache = PrefillCache(model, args.prefill_cache) if args.prefill_cache else None
     stop_ids = tokenizer.stop_ids
     warmed = False
 
@@ -282,21 +336,30 @@ def main(argv=None):
         prompt = torch.tensor(ids, dtype=torch.int, device=args.device)
         if args.compile and not warmed:  # compile outside the timed run, so the speed report is honest
             t0 = time.perf_counter()
-            generate(model, prompt, min(4, args.max_new_tokens), prefill_fn=prefill_fn, decode_fn=decode_fn, **sampling)
+            generate(model, prompt, min(2 * args.speculate_k + 2, args.max_new_tokens), prefill_fn=prefill_fn,
+                     decode_fn=decode_fn, **accel, **sampling)
+            if speculator is not None:
+                k1 = args.speculate_k + 1
+                verify_fn(model, torch.zeros(1, k1, dtype=torch.int, device=args.device),
+                          torch.arange(k1, device=args.device))
             print(f"compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             warmed = True
         streamer = TextStreamer(tokenizer, stop_ids)
         new, stats = generate(model, prompt, args.max_new_tokens, stop_ids=stop_ids, on_token=streamer,
-                              prefill_fn=prefill_fn, decode_fn=decode_fn, **sampling)
+                              prefill_fn=prefill_fn, decode_fn=decode_fn, prefill_cache=cache, **accel, **sampling)
         print()
         print(speed_report(stats, model_bytes, args.device), file=sys.stderr)
+        if args.profile:
+            trace = Path(args.profile) / "decode_trace.json"
+            print(profile_decode(model, prompt, min(args.max_new_tokens, 32), trace, **sampling), file=sys.stderr)
+            print(f"trace written to {trace} (chrome://tracing, ui.perfetto.dev)", file=sys.stderr)
         return tokenizer.decode([t for t in new.tolist() if t not in stop_ids])
 
     if not args.interactive:
         if not chat:
-            print(args.prompt, end="", flush=True)
+            print(prompt_text, end="", flush=True)
         for _ in range(args.num_samples):
-            one_turn(args.prompt, None)
+            one_turn(prompt_text, None)
         return
     history = []
     print("interactive chat: empty line or Ctrl-D to quit", file=sys.stderr)
