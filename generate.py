@@ -1,7 +1,11 @@
-"""Generate text: prefill the static KV cache, then decode one token at a time (optionally compiled).
+"""Generate text: prefill the static KV cache, then decode one token at a time (optionally compiled), or several
+at a time with speculative decoding; optionally reuse a prompt prefix's keys/values from a prefill cache.
 
     python generate.py --prompt "Once upon a time" --compile
     python generate.py --chat --prompt "What is the capital of France?"
+    python generate.py --chat --compile --prompt_lookup --prompt_file passage_and_question.txt
+    python generate.py --chat --compile --draft_checkpoint checkpoints/smollm2-int4 --speculate_k 2
+    python generate.py --chat --prefill_cache ~/.cache/bitfast-prefill --prompt_file long_document.txt
 """
 import argparse
 import contextlib
@@ -81,6 +85,8 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, s
     else:
         token, cached = prefill_fn(model, prompt.view(1, -1), torch.arange(T, device=device), **sampling), 0
     token = token.clone()
+    if speculator is not None:
+        speculator.start(prompt.tolist(), model)  # a draft model prefills the prompt too
     _sync(device)
     t1 = time.perf_counter()
     ttft = t1 - t0

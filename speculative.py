@@ -32,7 +32,7 @@ class PromptLookup:
     rests for 1, 2, 4, ... steps (doubling with each further failure, up to max_rest) before proposing again;
     a success resets the rest. Open-ended text, which rarely repeats, then runs at plain decoding speed."""
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_rest: int = 32):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2, max_rest: int = 32):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
         self.ngram_sizes = range(max_ngram, min_ngram - 1, -1)
@@ -40,6 +40,7 @@ class PromptLookup:
         self.start([])
 
     def start(self, tokens: list, model=None):
+        """A new prompt: forget the previous text and rest."""
         self.followers = {n: {} for n in self.ngram_sizes}  # n-gram -> index of the token after its latest occurrence
         self.indexed = 0
         self.rest, self.next_rest = 0, 1
@@ -75,18 +76,20 @@ class DraftModel:
         self.cached = 0  # leading tokens of the current text whose keys/values sit in the draft's cache
 
     def start(self, tokens: list, model):
-        """A new text for `model` (the target): reset the draft's cache to its length."""
+        """A new prompt for `model` (the target): size the draft's cache like the model's and prefill the prompt."""
         if self.model.args.vocab_size != model.args.vocab_size:
             raise ValueError(f"draft model has a vocabulary of {self.model.args.vocab_size} tokens, the model "
                              f"{model.args.vocab_size}: a draft must share the model's tokenizer")
         if self.model.max_seq_length != model.max_seq_length:
             self.model.setup_caches(1, model.max_seq_length)
-        self.cached = 0
+        device = self.model.norm.weight.device
+        self.model(torch.tensor([tokens], device=device), torch.arange(len(tokens), device=device))
+        self.cached = len(tokens)
 
     def _feed(self, tokens: list):
-        """Feed the tokens the draft has not seen (the whole prompt at first, then one or two) -> logits [V]."""
+        """Feed the tokens the draft has not seen (one, or two after a fully accepted proposal) -> logits [V]."""
         device = self.model.norm.weight.device
-        if len(tokens) - self.cached > 1:  # a prompt: one eager prefill forward for all but the last token
+        if len(tokens) - self.cached > 1:
             self.model(torch.tensor([tokens[self.cached:-1]], device=device),
                        torch.arange(self.cached, len(tokens) - 1, device=device))
         pos = torch.tensor([len(tokens) - 1], device=device)
@@ -115,13 +118,12 @@ class DraftModel:
 @torch.no_grad()
 def speculative_decode(model, proposer, tokens: list, budget: int, emit, *, k: int, verify_fn=verify,
                        decode_fn, **sampling):
-    """Continue `tokens` (prompt + output so far; all but the last token are in the model's cache) by up to
-    `budget` tokens. Each step proposes k tokens and verifies them in one forward (padding a shorter proposal
+    """Continue `tokens` (prompt + output so far; all but the last token are in the model's cache, and the
+    proposer has been started on the prompt) by up to `budget` tokens. Each step proposes k tokens and verifies them in one forward (padding a shorter proposal
     to k, so a compiled verify_fn keeps one shape), or, with no proposal or too little room left, decodes one
     token with decode_fn. `emit(new_tokens)` receives each step's tokens and returns True to stop.
     Returns (tokens proposed, tokens accepted)."""
     device = model.norm.weight.device
-    proposer.start(tokens, model)
     proposed = accepted = 0
     while budget > 0:
         pos = len(tokens) - 1

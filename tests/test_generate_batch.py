@@ -6,6 +6,7 @@ import torch
 from generate import compile_step, decode_one_token, generate, generate_batch
 from tests.test_model import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = [[5, 17, 42], [9, 1, 30, 77, 12, 64, 3, 8, 50, 2], [60, 61, 62, 63, 64, 65]]
 
 

@@ -6,8 +6,10 @@ import torch
 
 from generate import generate
 from prefill_cache import PrefillCache, model_fingerprint
+from tests.test_default_model import run_generate
 from tests.test_model import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 DOC = torch.randint(0, 101, (30,), generator=torch.Generator().manual_seed(5), dtype=torch.int)
 
 
@@ -104,3 +106,18 @@ def test_cache_path_that_is_a_file_is_an_error(model, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError):
         PrefillCache(model, tmp_path / "file")
+
+
+def test_cli_second_run_reuses_the_cached_prompt(tmp_path):
+    args = ["--chat", "--prompt", "Name three colors.", "--max_new_tokens", "12", "--threads", "1",
+            "--prefill_cache", str(tmp_path)]
+    first, second = run_generate(*args), run_generate(*args)
+    assert first.returncode == second.returncode == 0, second.stderr
+    assert "from the prefill cache" in second.stderr and "from the prefill cache" not in first.stderr
+    assert second.stdout == first.stdout
+
+
+def test_cli_cache_path_that_is_a_file_is_one_clear_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = run_generate("--prefill_cache", str(tmp_path / "file"), "--max_new_tokens", "2")
+    assert r.returncode == 2 and "not a directory" in r.stderr and "Traceback" not in r.stderr

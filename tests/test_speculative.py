@@ -6,8 +6,10 @@ import torch
 from generate import compile_step, decode_one_token, generate
 from sampling import accept_draft, logits_to_probs
 from speculative import DraftModel, PromptLookup, speculative_decode, verify
+from tests.test_default_model import run_generate
 from tests.test_model import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def prompts(n, length=12, vocab=101, seed=3):
     g = torch.Generator().manual_seed(seed)
@@ -19,8 +21,8 @@ def repetitive_prompt():
     return torch.tensor([5, 17, 42, 8, 99, 23, 5, 17, 42, 8, 99, 23, 5, 17, 42, 8, 61, 3, 5, 17], dtype=torch.int)
 
 
-def lookup_proposal(tokens, k, max_ngram=3):
-    lookup = PromptLookup(max_ngram=max_ngram)
+def lookup_proposal(tokens, k, max_ngram=3, min_ngram=2):
+    lookup = PromptLookup(max_ngram=max_ngram, min_ngram=min_ngram)
     lookup.start(tokens)
     return lookup.propose(tokens, k)
 
@@ -28,14 +30,15 @@ def lookup_proposal(tokens, k, max_ngram=3):
 def test_prompt_lookup_proposes_the_continuation_of_the_longest_match():
     assert lookup_proposal([1, 2, 3, 9, 9, 2, 3, 7, 1, 2, 3], 4) == ([9, 9, 2, 3], None)  # [1, 2, 3] at 0
     assert lookup_proposal([4, 5, 2, 3, 8, 2, 3], 2) == ([8, 2], None)  # the most recent [2, 3] wins
-    assert lookup_proposal([4, 5, 6, 5, 7, 6], 2) == ([5, 7], None)  # no 2-gram matches; "6" was followed by 5
+    assert lookup_proposal([4, 5, 6, 5, 7, 6], 2, min_ngram=1) == ([5, 7], None)  # no 2-gram; "6" was followed by 5
+    assert lookup_proposal([4, 5, 6, 5, 7, 6], 2) == ([], None)  # single tokens do not count by default
     assert lookup_proposal([4, 5, 6], 2) == ([], None)
     with pytest.raises(ValueError, match="min_ngram"):
         PromptLookup(max_ngram=2, min_ngram=3)
 
 
 def test_prompt_lookup_rests_longer_after_each_rejection():
-    lookup = PromptLookup(max_rest=4)
+    lookup = PromptLookup(min_ngram=1, max_rest=4)
     tokens = [1, 2, 1, 2, 1]
     lookup.start(tokens)
     pattern = []
@@ -63,7 +66,7 @@ def test_prompt_lookup_greedy_equals_plain_greedy(k):
     total_proposed = total_accepted = 0
     for prompt in prompts(3) + [repetitive_prompt()]:
         plain, _ = generate(model, prompt, 40)
-        fast, stats = generate(model, prompt, 40, speculator=PromptLookup(), speculate_k=k)
+        fast, stats = generate(model, prompt, 40, speculator=PromptLookup(min_ngram=1), speculate_k=k)
         assert fast.tolist() == plain.tolist()
         total_proposed, total_accepted = total_proposed + stats.proposed, total_accepted + stats.accepted
     assert 0 < total_accepted < total_proposed  # both branches of the acceptance were exercised
@@ -203,7 +206,48 @@ def test_sampled_prompt_lookup_matches_the_model_distribution():
 
         first = int(generate(model, prompt, 1, temperature=1.0)[0])
         out.append(first)
+        lookup.start(prompt.tolist())
         speculative_decode(model, lookup, prompt.tolist() + [first], 8, emit, k=3, decode_fn=decode_one_token,
                            temperature=1.0)
         counts[out[0] * 4 + out[1]] += 1
     assert chi_square(counts, exact) < CHI2_15_999
+
+
+# ---------------------------------------------------------------- the default model
+
+def test_default_model_greedy_is_unchanged_by_prompt_lookup_and_a_bf16_draft():
+    from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint
+    ckpt = resolve_checkpoint(None)
+    tok = load_tokenizer_for(ckpt)
+    model = load_model(ckpt)
+    text = ("Passage: The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is "
+            "named after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889."
+            "\n\nQuestion: who is the Eiffel Tower named after? Quote the passage.")
+    prompt = torch.tensor(tok.encode(tok.apply_chat_template([{"role": "user", "content": text}])), dtype=torch.int)
+    model.setup_caches(1, 256)
+    plain, _ = generate(model, prompt, 40)
+    lookup, stats = generate(model, prompt, 40, speculator=PromptLookup(), speculate_k=3)
+    assert lookup.tolist() == plain.tolist() and stats.accepted > 0
+    drafted, stats = generate(model, prompt, 40, speculator=DraftModel(load_model(ckpt, dtype=torch.bfloat16)),
+                              speculate_k=3)
+    assert drafted.tolist() == plain.tolist() and stats.accepted > stats.proposed / 2
+    assert "Gustave Eiffel" in tok.decode(plain.tolist())
+
+
+def test_cli_prompt_lookup_prints_the_same_text_and_its_acceptance():
+    args = ["--chat", "--prompt", "Repeat exactly: the cat sat on the mat, the cat sat on the mat.",
+            "--max_new_tokens", "24", "--threads", "1"]
+    plain, fast = run_generate(*args), run_generate(*args, "--prompt_lookup", "--speculate_k", "2")
+    assert plain.returncode == fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout and "speculation kept" in fast.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt_lookup", "--draft_checkpoint", "x"], "choose one"),
+    (["--speculate_k", "0"], "at least 1"),
+    (["--draft_checkpoint", "/nonexistent"], "not a bitfast checkpoint"),
+    (["--prompt_file", "/nonexistent"], "no such prompt file"),
+])
+def test_cli_bad_speculation_input_is_one_clear_line(args, message):
+    r = run_generate(*args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
