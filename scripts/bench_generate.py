@@ -1,7 +1,8 @@
 """Generation speed: decode tokens/s, time to first token, memory, achieved GB/s and fraction of the roofline,
 for plain, prompt-lookup and draft-speculative decoding, float and quantized checkpoints, input-grounded and
 open-ended prompts; the prefill cache's time to first token on a long shared prefix; and the same model through
-Hugging Face transformers. Prints markdown tables (paste them into BENCHMARKS.md with this command beside them).
+Hugging Face transformers. Prints markdown tables (paste them into BENCHMARKS.md with this command beside them). The transformers section
+needs `pip install -r requirements-bench.txt`.
 
     python scripts/bench_generate.py --threads 1                      # everything, CPU, default model
     python scripts/bench_generate.py --sections decode                # eager vs compiled decode per dtype
