@@ -330,7 +330,7 @@ def _set_module(model, name: str, module: nn.Module):
 
 @torch.no_grad()
 def quantize_model(model, plan: dict, method: str = "rtn", calib: torch.Tensor = None, damp: float = 0.01,
-                   act_order: bool = False, log=print):
+                   act_order: bool = True, log=print):
     """Replace each planned linear by a QuantLinear, in place. GPTQ runs block by block: calibration
     activations flow through the already-quantized earlier blocks, so memory stays at one block."""
     for name in plan:
@@ -400,7 +400,8 @@ def _gptq_model(model, plan, calib, damp, act_order, log):
 
 # ---------------------------------------------------------------- AWQ-style scales + clip search
 
-def _fake_quantize(w, fmt, clip=None):
+def fake_quantize(w, fmt, clip=None):
+    """Round-to-nearest quantize then dequantize a float weight (what RTN would store, as floats)."""
     s, z = quant_params(w, fmt, clip)
     q = quantize_codes(w, s, z, fmt).float()
     return (q - expand_groups(z, fmt, w.shape[1])) * expand_groups(s, fmt, w.shape[1])
@@ -416,7 +417,7 @@ def awq_search_scale(x: torch.Tensor, weights: list, fmts: list, grid: int = 20)
     for a in range(grid):
         s = x_mean.pow(a / grid).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = sum(((x @ (_fake_quantize(w * s, f) / s).T - r) ** 2).mean().item() for w, f, r in zip(weights, fmts, ref))
+        err = sum(((x @ (fake_quantize(w * s, f) / s).T - r) ** 2).mean().item() for w, f, r in zip(weights, fmts, ref))
         if err < best:
             best, best_s = err, s
     return best_s
@@ -434,7 +435,7 @@ def awq_search_clip(x: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, steps: i
     org = torch.einsum("tgk,ngk->tng", xg, wg)
     for i in range(int(steps * (1 - min_ratio)) + 1):
         clip = amax * (1 - i / steps)
-        wq = _grouped(_fake_quantize(w, fmt, clip), fmt, 0.0)
+        wq = _grouped(fake_quantize(w, fmt, clip), fmt, 0.0)
         err = ((torch.einsum("tgk,ngk->tng", xg, wq) - org) ** 2).mean(0)  # [N, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -522,7 +523,9 @@ def parse_args(argv=None):
     p.add_argument("--calib_samples", type=int, default=128)
     p.add_argument("--calib_seqlen", type=int, default=512)
     p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--act_order", action="store_true")
+    p.add_argument("--act_order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal (default on: on small models the few "
+                        "channels with huge activations otherwise absorb everyone's error)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", required=True, help="output checkpoint folder")
