@@ -90,7 +90,8 @@ def check_budget(shapes: dict, low: QuantFormat, high: QuantFormat, budget: floa
 
 def choose_recipe(delta: dict, shapes: dict, low: QuantFormat, high: QuantFormat, budget: float):
     """Start with every layer at `high`; move layers to `low` by least NLL increase per bit saved until the
-    average bits per weight is within budget, then return to `high` any that the budget no longer needs. Returns (recipe, bits per weight, predicted NLL increase)."""
+    average bits per weight is within budget, then return to `high` any that the budget no longer needs.
+    Returns (recipe, bits per weight, predicted NLL increase)."""
     check_budget(shapes, low, high, budget)
     saved = {name: n * k * (high.bits_per_weight(k) - low.bits_per_weight(k)) for name, (n, k) in shapes.items()}
     at_low = set()
