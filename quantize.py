@@ -328,6 +328,9 @@ def _set_module(model, name: str, module: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+
+
 @torch.no_grad()
 def quantize_model(model, plan: dict, method: str = "rtn", calib: torch.Tensor = None, damp: float = 0.01,
                    act_order: bool = True, log=print):
@@ -336,14 +339,12 @@ def quantize_model(model, plan: dict, method: str = "rtn", calib: torch.Tensor =
     for name in plan:
         check_weight(model.get_submodule(name).weight, name)
     clips = {}
-    if method in ("gptq", "awq") and calib is None:
-        raise ValueError(f"{method} needs calibration tokens")
-    if method == "gptq":
-        _gptq_model(model, plan, calib, damp, act_order, log)
-    elif method == "awq":
-        clips = _awq_model(model, plan, calib, log)
-    elif method != "rtn":
-        raise ValueError(f"unknown method {method!r} (rtn, gptq, awq)")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} ({', '.join(METHODS)})")
+    if method != "rtn":
+        if calib is None:
+            raise ValueError(f"{method} needs calibration tokens")
+        clips = _calibrated_model(model, plan, calib, method, damp, act_order, log)
     for name, fmt in plan.items():  # RTN for everything GPTQ did not cover (and the head)
         mod = model.get_submodule(name)
         if fmt is not None and isinstance(mod, nn.Linear):
@@ -383,19 +384,6 @@ def _capture_inputs(block, x, freqs, modules: dict, on_input):
 
 def _float_targets(block, plan, prefix):
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and plan.get(prefix + n) is not None}
-
-
-def _gptq_model(model, plan, calib, damp, act_order, log):
-    def quantize_block(i, block, x, freqs):
-        prefix = f"layers.{i}."
-        targets = _float_targets(block, plan, prefix)
-        hessians = {n: HessianAccumulator(m.in_features) for n, m in targets.items()}
-        _capture_inputs(block, x, freqs, targets, lambda n, a: hessians[n].add(a))
-        for n, m in targets.items():
-            fmt = plan[prefix + n]
-            q, s, z = gptq_quantize(m.weight.float(), hessians[n].h, fmt, damp=damp, act_order=act_order)
-            _set_module(block, n, QuantLinear.from_codes(q, s, z, fmt))
-    _blockwise(model, calib, quantize_block, log, "gptq")
 
 
 # ---------------------------------------------------------------- AWQ-style scales + clip search
@@ -443,52 +431,70 @@ def awq_search_clip(x: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, steps: i
     return best
 
 
-def _awq_model(model, plan, calib, log, search_tokens: int = 2048):
-    """AWQ scales folded into the preceding norm (or linear), then a clip search per layer, then RTN with the
-    clips. Returns {layer name: clip [N, G]} for QAT to start from."""
+def _calibrated_model(model, plan, calib, method, damp, act_order, log, search_tokens: int = 2048):
+    """GPTQ, AWQ, or AWQ's scales then GPTQ, block by block. AWQ folds per-channel scales into the op that feeds
+    each group of layers (a norm or linear), then searches clips per layer and rounds; GPTQ rounds with error
+    compensation from the Hessian of the layer's inputs (after the scales, H' = diag(1/s) H diag(1/s)).
+    Returns {layer name: clip [N, G]} (AWQ alone) for QAT to start from."""
+    scale_search, error_comp = method in ("awq", "awq+gptq"), method in ("gptq", "awq+gptq")
     clips = {}
 
     def quantize_block(i, block, x, freqs):
         prefix = f"layers.{i}."
         targets = _float_targets(block, plan, prefix)
+        hessians = {n: HessianAccumulator(m.in_features) for n, m in targets.items()}
         seen = {}
-        _capture_inputs(block, x, freqs, targets, lambda n, a: seen.setdefault(n, []).append(a.reshape(-1, a.shape[-1])))
-        g = torch.Generator().manual_seed(i)
+
+        def on_input(n, a):
+            a = a.reshape(-1, a.shape[-1])
+            if error_comp:
+                hessians[n].add(a)
+            if scale_search:
+                seen.setdefault(n, []).append(a)
+        _capture_inputs(block, x, freqs, targets, on_input)
         acts = {}
+        g = torch.Generator().manual_seed(i)
         for n, chunks in seen.items():
             a = torch.cat(chunks)
             acts[n] = a[torch.randperm(a.shape[0], generator=g)[:search_tokens]]
-        att, ff = block.attention, block.feed_forward
-        # (the op whose output feeds the layers, the layers): scaling its output by 1/s is exact.
-        pairs = [(block.attention_norm, ["attention.wq", "attention.wk", "attention.wv"]),
-                 (block.ffn_norm, ["feed_forward.w1", "feed_forward.w3"]),
-                 (ff.w3, ["feed_forward.w2"])]
-        if att.wv.out_features == att.wo.in_features:  # with GQA, v's outputs do not line up with o's inputs
-            pairs.append((att.wv, ["attention.wo"]))
-        for prev, names in pairs:
-            names = [n for n in names if n in targets]
-            if not names or isinstance(prev, QuantLinear):  # a quantized producer cannot absorb the scales
-                continue
-            ws = [targets[n].weight.float() for n in names]
-            s = awq_search_scale(acts[names[0]], ws, [plan[prefix + n] for n in names])
-            with torch.no_grad():
-                if isinstance(prev, nn.Linear):
-                    prev.weight.div_(s.view(-1, 1).to(prev.weight.dtype))
-                else:
-                    prev.weight.div_(s.to(prev.weight.dtype))
-                for n in names:
-                    targets[n].weight.mul_(s.to(targets[n].weight.dtype))
-                    acts[n] = acts[n] / s
+        if scale_search:
+            for prev, names in _scale_groups(block, targets):
+                s = awq_search_scale(acts[names[0]], [targets[n].weight.float() for n in names],
+                                     [plan[prefix + n] for n in names])
+                with torch.no_grad():
+                    prev.weight.div_((s.view(-1, 1) if isinstance(prev, nn.Linear) else s).to(prev.weight.dtype))
+                    for n in names:
+                        targets[n].weight.mul_(s.to(targets[n].weight.dtype))
+                        acts[n] = acts[n] / s
+                        if error_comp:
+                            hessians[n].h /= torch.outer(s, s).double()
         for n, m in targets.items():
-            fmt = plan[prefix + n]
-            w = m.weight.float()
-            clip = None if n.endswith(("wq", "wk")) else awq_search_clip(acts[n], w, fmt)  # q/k errors wash out in softmax
-            sc, z = quant_params(w, fmt, clip)
-            _set_module(block, n, QuantLinear.from_codes(quantize_codes(w, sc, z, fmt), sc, z, fmt))
-            if clip is not None:
-                clips[prefix + n] = clip
-    _blockwise(model, calib, quantize_block, log, "awq")
+            fmt, w = plan[prefix + n], m.weight.float()
+            if error_comp:
+                q, sc, z = gptq_quantize(w, hessians[n].h, fmt, damp=damp, act_order=act_order)
+            else:
+                clip = None if n.endswith(("wq", "wk")) else awq_search_clip(acts[n], w, fmt)  # q/k: softmax absorbs
+                sc, z = quant_params(w, fmt, clip)
+                q = quantize_codes(w, sc, z, fmt)
+                if clip is not None:
+                    clips[prefix + n] = clip
+            _set_module(block, n, QuantLinear.from_codes(q, sc, z, fmt))
+    _blockwise(model, calib, quantize_block, log, method)
     return clips
+
+
+def _scale_groups(block, targets):
+    """(the op whose output feeds the layers, the layers): scaling that op's output by 1/s is exact."""
+    att, ff = block.attention, block.feed_forward
+    pairs = [(block.attention_norm, ["attention.wq", "attention.wk", "attention.wv"]),
+             (block.ffn_norm, ["feed_forward.w1", "feed_forward.w3"]),
+             (ff.w3, ["feed_forward.w2"])]
+    if att.wv.out_features == att.wo.in_features:  # with GQA, v's outputs do not line up with o's inputs
+        pairs.append((att.wv, ["attention.wo"]))
+    for prev, names in pairs:
+        names = [n for n in names if n in targets]
+        if names and not isinstance(prev, QuantLinear):  # a quantized producer cannot absorb the scales
+            yield prev, names
 
 
 def tie_quantized_head(model):
@@ -516,7 +522,8 @@ def parse_args(argv=None):
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None)
     sym.add_argument("--asym", dest="sym", action="store_false")
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"])
+    p.add_argument("--method", default="rtn", choices=METHODS,
+                   help="awq+gptq: AWQ's per-channel scales, then GPTQ's error-compensating rounding")
     p.add_argument("--recipe", help="hybrid: JSON file {default, layers: {pattern: format}}")
     p.add_argument("--quantize_output", action="store_true", help="also quantize the output head (and a tied embedding)")
     p.add_argument("--calib", default="boolq", help="calibration text: boolq | lambada | a local .txt/.jsonl file")
@@ -564,7 +571,7 @@ def main(argv=None):
     model = load_model(ckpt)
     plan = resolve_recipe(recipe_from_args(a), linear_names(model))
     calib = None
-    if a.method in ("gptq", "awq"):
+    if a.method != "rtn":
         from eval.data import calibration_batches
         calib = calibration_batches(load_tokenizer_for(ckpt), a.calib_samples, a.calib_seqlen, a.calib, a.seed)
     t0 = time.perf_counter()
