@@ -1,7 +1,9 @@
-"""Weight-only quantization: formats, the one QuantLinear module, RTN and GPTQ, recipes, and the CLI.
+"""Weight-only quantization: formats, the one QuantLinear module, RTN / GPTQ / AWQ (+clip) / AWQ+GPTQ, recipes,
+and the CLI.
 
-    python quantize.py --mode int4 --groupsize 128 --method gptq --out checkpoints/smollm2-int4-g128-gptq
-    python quantize.py --mode int8 --out checkpoints/smollm2-int8
+    python quantize.py --mode int4 --groupsize 128 --method gptq --quantize_output --out checkpoints/smollm2-int4-gptq
+    python quantize.py --mode int8 --quantize_output --out checkpoints/smollm2-int8
+    python quantize.py --mode hybrid --recipe recipe.json --out checkpoints/smollm2-hybrid   # see layer_sensitivity.py
 
 A format is (bits, group size, symmetric?). Codes q are unsigned integers in [0, 2^bits); a weight is
 W[n, k] = (q[n, k] - z[n, k // g]) * s[n, k // g]. Symmetric formats fix z = 2^(bits-1) and store no zeros.
@@ -525,7 +527,9 @@ def parse_args(argv=None):
     p.add_argument("--method", default="rtn", choices=METHODS,
                    help="awq+gptq: AWQ's per-channel scales, then GPTQ's error-compensating rounding")
     p.add_argument("--recipe", help="hybrid: JSON file {default, layers: {pattern: format}}")
-    p.add_argument("--quantize_output", action="store_true", help="also quantize the output head (and a tied embedding)")
+    p.add_argument("--quantize_output", nargs="?", const="int8", metavar="FORMAT",
+                   help="also quantize the output head (and a tied embedding), at int8 unless a format is given "
+                        "(int4 costs this model more perplexity than its whole int4 body)")
     p.add_argument("--calib", default="boolq", help="calibration text: boolq | lambada | a local .txt/.jsonl file")
     p.add_argument("--calib_samples", type=int, default=128)
     p.add_argument("--calib_seqlen", type=int, default=512)
@@ -557,7 +561,7 @@ def recipe_from_args(a) -> dict:
         fmt = QuantFormat(int(a.mode[3:]), a.groupsize, bool(a.sym))
     recipe = {"default": fmt.name}
     if a.quantize_output:
-        recipe["layers"] = {"output": fmt.name if fmt.bits in (4, 8) else "int8"}
+        recipe["layers"] = {"output": QuantFormat.parse(a.quantize_output).name}
     return recipe
 
 
