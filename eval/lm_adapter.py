@@ -34,7 +34,21 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
 class _StopGeneration(Exception):
-    """Raised by the token callback once a stop string appears: generate() has no stop-string hook."""
+    """Raised by _StopAtStrings once a stop string appears: generate() has no stop-string hook."""
+
+
+class _StopAtStrings:
+    """generate()'s token callback: collects the new tokens, ends generation once the text holds a stop string."""
+
+    def __init__(self, tokenizer, until: list[str]):
+        self.tokenizer, self.until, self.ids = tokenizer, until, []
+
+    def __call__(self, token_id: int):
+        if token_id in self.tokenizer.stop_ids:
+            return
+        self.ids.append(token_id)
+        if self.until and any(s in self.tokenizer.decode(self.ids) for s in self.until):
+            raise _StopGeneration
 
 
 @register_model("bitfast")
@@ -43,9 +57,14 @@ class BitfastLM(LM):
     `tokenizer` directly. `batch_size` rows and `max_batch_tokens` padded tokens bound one forward pass;
     `compile` compiles the decode step that generate_until reuses for every request."""
 
-    def __init__(self, checkpoint=None, device="cpu", dtype=None, batch_size=16, max_batch_size=None,
+    def __init__(self, checkpoint=None, device=None, dtype=None, batch_size=16, max_batch_size=None,
                  max_length=None, max_batch_tokens=4096, compile=False, model=None, tokenizer=None):
         super().__init__()
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            # lm-eval's command line asks for cuda by default; like its HF model, run on the CPU when there is none.
+            if device is not None:
+                print(f"no CUDA device: running on the CPU instead of {device}", file=sys.stderr)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         if model is None:
             ckpt = resolve_checkpoint(checkpoint)
             dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or torch.float32
@@ -180,25 +199,17 @@ class BitfastLM(LM):
         outputs, t0, tokens = [], time.perf_counter(), 0
         for (ids, max_new, until, sampling), r in zip(
                 jobs, tqdm(requests, desc="generate_until", unit="req", disable=not sys.stderr.isatty())):
-            new = []
-
-            def on_token(token_id):
-                if token_id in self.tokenizer.stop_ids:
-                    return
-                new.append(token_id)
-                if until and any(s in self.tokenizer.decode(new) for s in until):
-                    raise _StopGeneration
-
+            collected = _StopAtStrings(self.tokenizer, until)
             prompt = torch.tensor(ids, dtype=torch.int, device=self._device)
             try:
-                generate(self.model, prompt, max_new, stop_ids=self.tokenizer.stop_ids, on_token=on_token,
+                generate(self.model, prompt, max_new, stop_ids=self.tokenizer.stop_ids, on_token=collected,
                          prefill_fn=prefill_fn, decode_fn=decode_fn, **sampling)
             except _StopGeneration:
                 pass
-            text = self.tokenizer.decode(new)
+            text = self.tokenizer.decode(collected.ids)
             cut = min([text.find(s) for s in until if s in text], default=len(text))
             outputs.append(text[:cut])
-            tokens += len(new)
+            tokens += len(collected.ids)
             self.cache_hook.add_partial("generate_until", r.args, text[:cut])
         self._record("generate_until", len(requests), tokens, time.perf_counter() - t0)
         return outputs

@@ -27,7 +27,7 @@ def _number(x):
     return None if math.isnan(x) else x
 
 
-def metrics_from_lm_eval(task_results: dict, headline: str = None) -> dict:
+def metrics_from_lm_eval(task_results: dict, headline: str | None = None) -> dict:
     """lm-eval's {"acc,none": v, "acc_stderr,none": s, ...} -> {"acc": {"value", "stderr"}}, the headline metric
     first. A metric under a named filter keeps the filter's name: "exact_match,strict-match" -> "exact_match
     (strict-match)"."""

