@@ -96,11 +96,9 @@ def _read_user_text(path: Path, suffixes: tuple, expected: str) -> str:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def read_jsonl(path) -> list[tuple[int, dict]]:
-    """A user's JSONL file as (line number, object) pairs, blank lines skipped. Errors name the file and line."""
-    path = Path(path)
+def _jsonl_rows(path: Path, raw: str) -> list[tuple[int, dict]]:
     rows = []
-    for line_number, line in enumerate(_read_user_text(path, (".jsonl",), "a .jsonl file").splitlines(), 1):
+    for line_number, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -110,6 +108,13 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
         if not isinstance(row, dict):
             raise ValueError(f"{path}, line {line_number}: expected a JSON object")
         rows.append((line_number, row))
+    return rows
+
+
+def read_jsonl(path) -> list[tuple[int, dict]]:
+    """A user's JSONL file as (line number, object) pairs, blank lines skipped. Errors name the file and line."""
+    path = Path(path)
+    rows = _jsonl_rows(path, _read_user_text(path, (".jsonl",), "a .jsonl file"))
     if not rows:
         raise ValueError(f"{path}: no rows in file")
     return rows
@@ -118,11 +123,10 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
 def load_text_file(path) -> str:
     """A user's text: a .txt file as is, or a .jsonl file with a "text" string per row (rows joined by a blank line)."""
     path = Path(path)
-    if path.suffix != ".jsonl":
-        raw = _read_user_text(path, (".txt",), 'a .txt file, or .jsonl with a "text" field per row')
-    else:
+    raw = _read_user_text(path, (".txt", ".jsonl"), 'a .txt file, or .jsonl with a "text" field per row')
+    if path.suffix == ".jsonl":
         documents = []
-        for line_number, row in read_jsonl(path):
+        for line_number, row in _jsonl_rows(path, raw):
             if not isinstance(row.get("text"), str):
                 raise ValueError(f"{path}, line {line_number}: expected an object with a \"text\" string")
             documents.append(row["text"])
