@@ -31,20 +31,35 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 from tqdm import tqdm
 
-from checkpoint import load_model, load_state_dict, load_tokenizer_for, quant_plan, read_config, resolve_checkpoint, \
-    save_quantized
+from checkpoint import (
+    load_model,
+    load_state_dict,
+    load_tokenizer_for,
+    quant_plan,
+    read_config,
+    resolve_checkpoint,
+    save_quantized,
+)
 from cli import add_device_args, run, setup_device
 from eval.data import CORPORA, calibration_batches, corpus_text, load_text_file
 from eval.perplexity import perplexity
 from generate import decode_one_token, prefill
 from model import RMSNorm
-from quantize import QuantEmbedding, QuantFormat, QuantLinear, linear_names, quantize_model, recipe_from_args, \
-    resolve_recipe, tie_quantized_head
+from quantize import (
+    QuantEmbedding,
+    QuantFormat,
+    QuantLinear,
+    linear_names,
+    quantize_model,
+    recipe_from_args,
+    resolve_recipe,
+    tie_quantized_head,
+)
 
 # The settings that decide the weights a run reaches: a resumed run must use the same ones.
 RUN_FIELDS = ("checkpoint", "data", "format", "recipe", "init", "calib", "calib_samples", "calib_seqlen",
@@ -148,7 +163,7 @@ def gen_data(args):
     model = load_model(ckpt, device=args.device, dtype=dtype)
     if max(len(ids) for ids in prompts.values()) + args.max_new_tokens > model.args.block_size:
         raise ValueError(f"prompt + --max_new_tokens exceeds the model's context of {model.args.block_size} tokens")
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     todo = [(b, batch) for b, batch in enumerate(batches) if any(i not in done for i, _ in batch)]
     log_err(f"gen-data: {len(prompts)} prompts, {len(prompts) - len(done)} to generate in {len(todo)} batches -> {out}")
     t0, new_tokens = time.perf_counter(), 0
@@ -410,7 +425,7 @@ def truncate_log(path: Path, step: int):
     os.replace(tmp, path)
 
 
-def plot_curves(log_path: Path, png: Path, references: dict = None, title: str = ""):
+def plot_curves(log_path: Path, png: Path, references: dict | None = None, title: str = ""):
     """Training loss and held-out perplexity against tokens seen; `references` draws flat lines
     ({label: perplexity}) for comparison."""
     import matplotlib

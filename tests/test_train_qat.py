@@ -14,15 +14,22 @@ import pytest
 import torch
 
 import train_qat
-from checkpoint import load_model, load_state_dict, load_tokenizer_for, model_state_for_saving, read_config, resolve_checkpoint, \
-    save_checkpoint
+from checkpoint import (
+    load_model,
+    load_state_dict,
+    load_tokenizer_for,
+    model_state_for_saving,
+    read_config,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from eval.data import corpus_documents
 from model import ModelArgs, Transformer
 from quantize import QuantLinear
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = dict(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128, vocab_size=49152, block_size=256,
-            tie_embeddings=True)
+TINY = {"n_layer": 2, "n_head": 4, "n_local_heads": 2, "dim": 64, "intermediate_size": 128, "vocab_size": 49152,
+        "block_size": 256, "tie_embeddings": True}
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +106,7 @@ def test_kl_terms_and_losses_match_float64_definitions():
 
 def test_teacher_confidence_is_mean_top1_probability():
     probs = torch.tensor([0.5, 0.25, 0.25])
-    teacher = lambda x: probs.log().expand(*x.shape, 3)  # noqa: E731 -- every position: top-1 probability 0.5
+    teacher = lambda x: probs.log().expand(*x.shape, 3)  # every position's top-1 probability is 0.5
     windows = torch.zeros(3, 9, dtype=torch.long)
     conf = train_qat.teacher_confidence(teacher, windows, 2, "cpu", contextlib.nullcontext)
     assert conf == pytest.approx(0.5)
@@ -184,7 +191,7 @@ def test_stopped_and_resumed_run_reaches_the_same_weights(files, tmp_path):
     train_qat.train(train_args(files, tmp_path / "part", "--resume"))
     assert_same_tensors(final_params(tmp_path / "part"), final_params(tmp_path / "whole"))
     assert_same_tensors(exported(tmp_path / "part"), exported(tmp_path / "whole"))
-    drop_time = lambda path: [{k: v for k, v in json.loads(x).items() if k not in ("tok_s", "time", "eval_s")}  # noqa
+    drop_time = lambda path: [{k: v for k, v in json.loads(x).items() if k not in ("tok_s", "time", "eval_s")}
                               for x in (path / "log.jsonl").read_text().splitlines()]
     assert drop_time(tmp_path / "part") == drop_time(tmp_path / "whole")
     assert not list((tmp_path / "part").glob(".step-*"))
@@ -221,7 +228,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(files, 
     train_qat.train(train_args(files, tmp_path / "single", "--micro_batch", "1", "--eval_every", "0"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "train_qat.py",
            *cli_train_command(files, tmp_path / "ddp", "--micro_batch", "1", "--eval_every", "0")]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es) x 2 micro-batch(es)" in r.stderr
     assert_same_tensors(final_params(tmp_path / "ddp"), final_params(tmp_path / "single"), rtol=0, atol=2e-5)
@@ -298,6 +305,6 @@ def test_cli_unknown_layer_in_recipe_is_one_clear_line(files, tmp_path):
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps({"default": "int2-g32", "layers": {"blocks.*": "int8"}}))
     r = subprocess.run([sys.executable, "train_qat.py", *cli_train_command(files, tmp_path / "run", "--recipe", str(recipe))],
-                       cwd=ROOT, capture_output=True, text=True)
+                       check=False, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "matches no layer" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
