@@ -9,40 +9,17 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint
-from cli import add_device_args, run, setup_device
+from cli import DTYPES, add_device_args, run, setup_device
 from model import Transformer
-
-
-
-# ---------------------------------------------------------------- sampling
-
-def logits_to_probs(logits, temperature: float = 1.0, top_k: int = None, top_p: float = None):
-    logits = logits / max(temperature, 1e-5)
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[..., -1:]
-        logits = torch.where(logits < kth, -float("inf"), logits)
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, -float("inf"))
-    return torch.softmax(logits.float(), dim=-1)
-
-
-def sample(logits, temperature: float = 0.0, top_k: int = None, top_p: float = None):
-    """logits: [B, V] -> tokens [B, 1]. temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1, keepdim=True).to(torch.int)
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
-    # Exponential-race sampling (argmax of p/Exp(1)) equals multinomial sampling and compiles without a sync.
-    q = torch.empty_like(probs).exponential_(1)
-    return torch.argmax(probs / q, dim=-1, keepdim=True).to(torch.int)
-
+from prefill_cache import PrefillCache
+from profiling import profile_decode
+from sampling import sample
+from speculative import DraftModel, PromptLookup, speculative_decode, verify
 
 # ---------------------------------------------------------------- prefill and decode
 
@@ -62,11 +39,18 @@ class GenerationStats:
     new_tokens: int
     time_to_first_token: float
     decode_time: float
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefill cache
+    proposed: int = 0  # speculative decoding: draft tokens the model verified
+    accepted: int = 0  # ... and kept
 
     @property
     def decode_tokens_per_s(self) -> float:
         # The first token comes from prefill; decode produced the rest.
         return (self.new_tokens - 1) / self.decode_time if self.new_tokens > 1 and self.decode_time > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
 
 
 def _sync(device):
@@ -76,9 +60,14 @@ def _sync(device):
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, stop_ids=(), on_token=None,
-             prefill_fn=prefill, decode_fn=decode_one_token, **sampling):
+             prefill_fn=prefill, decode_fn=decode_one_token, speculator=None, speculate_k: int = 4,
+             verify_fn=verify, prefill_cache: PrefillCache = None, **sampling):
     """prompt: [T] token ids. Returns (new token ids [N], GenerationStats). The caller has set up the caches
-    (model.setup_caches) large enough for T + max_new_tokens. `on_token(id)` streams each new token."""
+    (model.setup_caches) large enough for T + max_new_tokens. `on_token(id)` streams each new token.
+
+    speculator: a speculative.PromptLookup or DraftModel proposing speculate_k tokens at a time, checked with
+    verify_fn (speculative.verify, or its compiled form). prefill_cache: a PrefillCache to reuse the keys and
+    values of a prompt prefix seen before (and to remember this prompt's)."""
     device = prompt.device
     T = prompt.numel()
     if T + max_new_tokens > model.max_seq_length:
@@ -87,14 +76,47 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, s
     stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.int) if stop_ids else None
     _sync(device)
     t0 = time.perf_counter()
-    input_pos = torch.arange(T, device=device)
-    token = prefill_fn(model, prompt.view(1, -1), input_pos, **sampling).clone()
-    out = [token]
+    if prefill_cache is not None:
+        token, cached = prefill_cache.prefill(model, prompt, prefill_fn, **sampling)
+    else:
+        token, cached = prefill_fn(model, prompt.view(1, -1), torch.arange(T, device=device), **sampling), 0
+    token = token.clone()
     _sync(device)
     t1 = time.perf_counter()
     ttft = t1 - t0
-    input_pos = torch.tensor([T], device=device, dtype=torch.long)
-    for _ in range(max_new_tokens - 1):
+    if speculator is None:
+        new = _decode(model, token, T, max_new_tokens - 1, stop, on_token, decode_fn, **sampling)
+        proposed = accepted = 0
+    else:
+        new, proposed, accepted = [], 0, 0
+
+        def emit(tokens) -> bool:
+            """Keep and stream tokens up to the first stop token; True once one came."""
+            for t in tokens:
+                new.append(t)
+                if on_token is not None:
+                    on_token(t)
+                if t in stop_ids:
+                    return True
+            return False
+
+        if not emit([int(token)]):
+            proposed, accepted = speculative_decode(model, speculator, prompt.tolist() + new, max_new_tokens - 1,
+                                                    emit, k=speculate_k, verify_fn=verify_fn, decode_fn=decode_fn,
+                                                    **sampling)
+        new = torch.tensor(new, dtype=torch.int, device=device)
+    _sync(device)
+    decode_time = time.perf_counter() - t1
+    if prefill_cache is not None:
+        prefill_cache.store(model, prompt)
+    return new, GenerationStats(T, new.numel(), ttft, decode_time, cached, proposed, accepted)
+
+
+def _decode(model, token, pos: int, steps: int, stop, on_token, decode_fn, **sampling) -> torch.Tensor:
+    """Plain decoding after prefill: `token` sits at position `pos`; at most `steps` more tokens."""
+    out = [token]
+    input_pos = torch.tensor([pos], device=token.device, dtype=torch.long)
+    for _ in range(steps):
         if on_token is not None:
             on_token(int(token))
         if stop is not None and bool((token == stop).any()):
@@ -105,16 +127,52 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, s
     else:
         if on_token is not None:
             on_token(int(token))
-    _sync(device)
-    decode_time = time.perf_counter() - t1
-    new = torch.cat(out).view(-1)
-    return new, GenerationStats(T, new.numel(), ttft, decode_time)
+    return torch.cat(out).view(-1)
+
+
+@torch.no_grad()
+def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, stop_ids=(),
+                   decode_fn=decode_one_token, **sampling) -> list:
+    """Several prompts (lists of token ids) at once -> each one's new tokens (a list, ending at its first stop
+    token). Prompts are right-padded and every row decodes at its own positions, so a row's result is the one
+    generate() gives it alone. Sets up the model's caches for the batch when they do not fit."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate_batch needs at least one prompt and no empty prompt")
+    device = model.norm.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width, rows = int(lengths.max()), len(prompts)
+    if model.max_batch_size != rows or model.max_seq_length < width + max_new_tokens:
+        model.setup_caches(rows, width + max_new_tokens)
+    tokens = torch.zeros(rows, width, dtype=torch.int, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p, dtype=torch.int)
+    logits = model(tokens, torch.arange(width, device=device))
+    token = sample(logits[torch.arange(rows, device=device), lengths - 1], **sampling)
+    out, done = [token], torch.zeros(rows, dtype=torch.bool, device=device)
+    stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.int)
+    input_pos = lengths.view(rows, 1).clone()
+    for _ in range(max_new_tokens - 1):
+        done |= torch.isin(token.view(-1), stop)
+        if bool(done.all()):
+            break
+        token = decode_fn(model, token, input_pos, **sampling).clone()
+        out.append(token)
+        input_pos += 1
+    results = []
+    for row in torch.cat(out, 1).tolist():
+        ends = [i for i, t in enumerate(row) if t in stop_ids]
+        results.append(row[:ends[0] + 1] if ends else row)
+    return results
+
+
+def compile_step(fn, device):
+    """A fixed-shape step (decode, verify) compiles to one graph thanks to the static cache; on CUDA with CUDA
+    graphs (reduce-overhead)."""
+    return torch.compile(fn, mode="reduce-overhead" if torch.device(device).type == "cuda" else None, fullgraph=True)
 
 
 def compile_fns(device, compile_prefill: bool = False):
-    """Decode compiles to one graph thanks to the static cache; CUDA adds CUDA graphs (reduce-overhead)."""
-    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
-    decode_fn = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    decode_fn = compile_step(decode_one_token, device)
     prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill
     return prefill_fn, decode_fn
 
@@ -141,8 +199,12 @@ def peak_memory_bytes(device) -> int:
 
 def speed_report(stats: GenerationStats, model_bytes: int, device) -> str:
     tps = stats.decode_tokens_per_s
-    return (f"prompt {stats.prompt_tokens} tok | time to first token {stats.time_to_first_token * 1000:.1f} ms | "
-            f"decode {stats.new_tokens} tok at {tps:.1f} tok/s | model {model_bytes / 1e6:.1f} MB | "
+    extra = f" ({stats.cached_tokens} from the prefill cache)" if stats.cached_tokens else ""
+    if stats.proposed:
+        extra += (f" | speculation kept {stats.accepted} of {stats.proposed} proposed tokens "
+                  f"({100 * stats.acceptance_rate:.0f}%)")
+    return (f"prompt {stats.prompt_tokens} tok{extra} | time to first token {stats.time_to_first_token * 1000:.1f} ms"
+            f" | decode {stats.new_tokens} tok at {tps:.1f} tok/s | model {model_bytes / 1e6:.1f} MB | "
             f"bandwidth {model_bytes * tps / 1e9:.2f} GB/s | peak memory {peak_memory_bytes(device) / 1e9:.2f} GB")
 
 
@@ -176,6 +238,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="bitfast checkpoint folder (default: SmolLM2-135M-Instruct, offline)")
     p.add_argument("--prompt", default="Hello, my name is")
+    p.add_argument("--prompt_file", help="read the prompt from this UTF-8 text file instead")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--interactive", action="store_true", help="chat loop on stdin (implies --chat)")
     p.add_argument("--max_new_tokens", type=int, default=200)
@@ -188,7 +251,23 @@ def parse_args(argv=None):
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     add_device_args(p)
     p.add_argument("--max_seq_length", type=int, default=None, help="KV cache length (default: fits the request)")
+    s = p.add_argument_group("faster generation")
+    s.add_argument("--prompt_lookup", action="store_true",
+                   help="prompt-lookup decoding: propose continuations of n-grams found in the prompt and output")
+    s.add_argument("--max_ngram", type=int, default=3, help="prompt lookup: longest n-gram to match")
+    s.add_argument("--draft_checkpoint", help="speculative decoding with this draft model (same tokenizer)")
+    s.add_argument("--draft_dtype", default=None, choices=sorted(DTYPES), help="draft dtype (default: --dtype)")
+    s.add_argument("--speculate_k", type=int, default=4, help="tokens proposed per verify step")
+    s.add_argument("--prefill_cache", metavar="DIR",
+                   help="reuse the keys/values of prompt prefixes seen before (in memory, and saved in DIR)")
+    s.add_argument("--profile", metavar="DIR", help="profile eager decode: trace in DIR, time per layer type")
     args = p.parse_args(argv)
+    if args.prompt_lookup and args.draft_checkpoint:
+        p.error("choose one of --prompt_lookup and --draft_checkpoint")
+    if args.speculate_k < 1:
+        p.error("--speculate_k must be at least 1")
+    if args.max_ngram < 1:
+        p.error("--max_ngram must be at least 1")
     if args.max_new_tokens < 1:
         p.error("--max_new_tokens must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -198,17 +277,49 @@ def parse_args(argv=None):
     return args
 
 
+def read_prompt(args) -> str:
+    if not args.prompt_file:
+        return args.prompt
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such prompt file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def load_speculator(args, tokenizer, dtype):
+    if args.prompt_lookup:
+        return PromptLookup(max_ngram=args.max_ngram)
+    if not args.draft_checkpoint:
+        return None
+    draft_ckpt = resolve_checkpoint(args.draft_checkpoint)
+    probe = "The quick brown fox, 3.14 <|im_start|> naïve"
+    if load_tokenizer_for(draft_ckpt).encode(probe) != tokenizer.encode(probe):
+        raise ValueError(f"{draft_ckpt}: the draft model's tokenizer differs from the model's")
+    draft = load_model(draft_ckpt, device=args.device, dtype=DTYPES[args.draft_dtype] if args.draft_dtype else dtype)
+    return DraftModel(draft, compile_step(verify, args.device) if args.compile else verify)
+
+
 def main(argv=None):
     args = parse_args(argv)
     dtype = setup_device(args)
     torch.manual_seed(args.seed)
+    prompt_text = read_prompt(args)
+    if args.profile and Path(args.profile).exists() and not Path(args.profile).is_dir():
+        raise NotADirectoryError(f"{args.profile}: --profile needs a directory")
     ckpt = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer_for(ckpt)
     model = load_model(ckpt, device=args.device, dtype=dtype)
     model_bytes = weight_bytes(model)
     chat = args.chat or args.interactive
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     prefill_fn, decode_fn = compile_fns(args.device, args.compile_prefill) if args.compile else (prefill, decode_one_token)
+    speculator = load_speculator(args, tokenizer, dtype)
+    verify_fn = compile_step(verify, args.device) if args.compile and speculator else verify
+    accel = {"speculator": speculator, "speculate_k": args.speculate_k, "verify_fn": verify_fn}
+    cache = PrefillCache(model, args.prefill_cache) if args.prefill_cache else None
     stop_ids = tokenizer.stop_ids
     warmed = False
 
@@ -225,21 +336,30 @@ def main(argv=None):
         prompt = torch.tensor(ids, dtype=torch.int, device=args.device)
         if args.compile and not warmed:  # compile outside the timed run, so the speed report is honest
             t0 = time.perf_counter()
-            generate(model, prompt, min(4, args.max_new_tokens), prefill_fn=prefill_fn, decode_fn=decode_fn, **sampling)
+            generate(model, prompt, min(2 * args.speculate_k + 2, args.max_new_tokens), prefill_fn=prefill_fn,
+                     decode_fn=decode_fn, **accel, **sampling)
+            if speculator is not None:
+                k1 = args.speculate_k + 1
+                verify_fn(model, torch.zeros(1, k1, dtype=torch.int, device=args.device),
+                          torch.arange(k1, device=args.device))
             print(f"compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             warmed = True
         streamer = TextStreamer(tokenizer, stop_ids)
         new, stats = generate(model, prompt, args.max_new_tokens, stop_ids=stop_ids, on_token=streamer,
-                              prefill_fn=prefill_fn, decode_fn=decode_fn, **sampling)
+                              prefill_fn=prefill_fn, decode_fn=decode_fn, prefill_cache=cache, **accel, **sampling)
         print()
         print(speed_report(stats, model_bytes, args.device), file=sys.stderr)
+        if args.profile:
+            trace = Path(args.profile) / "decode_trace.json"
+            print(profile_decode(model, prompt, min(args.max_new_tokens, 32), trace, **sampling), file=sys.stderr)
+            print(f"trace written to {trace} (chrome://tracing, ui.perfetto.dev)", file=sys.stderr)
         return tokenizer.decode([t for t in new.tolist() if t not in stop_ids])
 
     if not args.interactive:
         if not chat:
-            print(args.prompt, end="", flush=True)
+            print(prompt_text, end="", flush=True)
         for _ in range(args.num_samples):
-            one_turn(args.prompt, None)
+            one_turn(prompt_text, None)
         return
     history = []
     print("interactive chat: empty line or Ctrl-D to quit", file=sys.stderr)

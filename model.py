@@ -81,17 +81,27 @@ CONFIGS = {
 }
 
 
+FEW_TOKENS = 8  # up to this many tokens per forward (decode, speculative verify, small batches): fused CPU path
+
+
+def few_tokens_on_compiled_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.shape[:-1].numel() <= FEW_TOKENS and torch.compiler.is_compiling()
+
+
 class Linear(nn.Linear):
-    """nn.Linear without bias, with a faster compiled CPU decode path."""
+    """nn.Linear without bias, with a faster compiled CPU path for a few tokens."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
-        if x.device.type == "cpu" and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
-            # One token: written as multiply-and-sum, Inductor emits a fused vectorized kernel that streams
-            # the weight about twice as fast as its matrix-multiply call does at batch 1.
-            return (self.weight.float() * x.float().unsqueeze(-2)).sum(-1).to(x.dtype)
+        if few_tokens_on_compiled_cpu(x):
+            # One multiply-and-sum per token: Inductor fuses them into one vectorized loop that reads each weight
+            # row once for all tokens, about twice as fast as its matrix-multiply call at batch 1 (and far
+            # faster than it at 2-8 rows on CPUs where MKL takes a slow path).
+            w, rows = self.weight.float(), x.float().reshape(-1, x.shape[-1])
+            y = torch.stack([(w * rows[i]).sum(-1) for i in range(rows.shape[0])])
+            return y.view(*x.shape[:-1], -1).to(x.dtype)
         return F.linear(x, self.weight)
 
 
@@ -110,9 +120,14 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, input_pos, k, v):
-        # input_pos: [S]; k, v: [B, H, S, D]
-        self.k_cache[:, :, input_pos] = k
-        self.v_cache[:, :, input_pos] = v
+        # input_pos: [S], or [B, S] when each row has its own positions; k, v: [B, H, S, D]
+        if input_pos.dim() == 1:
+            self.k_cache[:, :, input_pos] = k
+            self.v_cache[:, :, input_pos] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)
+            self.k_cache[rows, :, input_pos] = k.transpose(1, 2)
+            self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
         return self.k_cache, self.v_cache
 
 
@@ -144,15 +159,16 @@ class Transformer(nn.Module):
         self.register_buffer("causal_mask", causal, persistent=False)
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """idx: [B, S] tokens. With input_pos ([S] positions) attention reads and writes the KV cache;
-        without it, a plain causal forward over the whole sequence (training, scoring)."""
+        """idx: [B, S] tokens. With input_pos attention reads and writes the KV cache: [S] positions shared by
+        all rows, or [B, S] (rows of different lengths in batched generation). Without it, a plain causal
+        forward over the whole sequence (training, scoring)."""
         if input_pos is None:
             seq = idx.shape[1]
             freqs = precompute_freqs_cis(self.args, seq).to(idx.device)
             mask = None
         else:
             freqs = self.freqs_cis[input_pos]
-            mask = self.causal_mask[None, None, input_pos]
+            mask = self.causal_mask[input_pos].view(-1, 1, idx.shape[1], self.max_seq_length)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, freqs, mask, input_pos)
@@ -191,25 +207,25 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        if seqlen == 1 and x.device.type == "cpu" and torch.compiler.is_compiling():
-            y = decode_attention(q, k, v, mask)
+        if few_tokens_on_compiled_cpu(x):
+            y = few_query_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         y = y.transpose(1, 2).contiguous().view(bsz, seqlen, self.n_head * self.head_dim)
         return self.wo(y)
 
 
-def decode_attention(q, k, v, mask):
-    """Attention of one query token, as multiply-and-sum reductions that Inductor fuses into a few
+def few_query_attention(q, k, v, mask):
+    """Attention of a few query tokens, as multiply-and-sum reductions that Inductor fuses into a few
     vectorized loops (SDPA's CPU kernel costs more than the math at this size). GQA by broadcasting, no copies."""
-    b, h, _, d = q.shape
+    b, h, s, d = q.shape
     kv_heads = k.shape[1]
-    q = q.view(b, kv_heads, h // kv_heads, 1, d).float()
-    scores = (q * k.unsqueeze(2).float()).sum(-1) / math.sqrt(d)  # [b, kv, rep, S]
-    scores = scores.masked_fill(~mask.view(1, 1, 1, -1), -float("inf"))
+    q = q.view(b, kv_heads, h // kv_heads, s, 1, d).float()
+    scores = (q * k.view(b, kv_heads, 1, 1, -1, d).float()).sum(-1) / math.sqrt(d)  # [b, kv, rep, s, S]
+    scores = scores.masked_fill(~mask.view(mask.shape[0], 1, 1, s, -1), -float("inf"))
     p = scores.softmax(-1)
-    y = (p.unsqueeze(-1) * v.unsqueeze(2).float()).sum(-2)  # [b, kv, rep, d]
-    return y.view(b, h, 1, d).to(v.dtype)
+    y = (p.unsqueeze(-1) * v.view(b, kv_heads, 1, 1, -1, d).float()).sum(-2)  # [b, kv, rep, s, d]
+    return y.view(b, h, s, d).to(v.dtype)
 
 
 class FeedForward(nn.Module):
@@ -256,9 +272,9 @@ def precompute_freqs_cis(args: ModelArgs, seq_len: int) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    # x: [B, S, H, D]; freqs: [S, D/2, 2]; rotate adjacent pairs in fp32.
+    # x: [B, S, H, D]; freqs: [S, D/2, 2] or [B, S, D/2, 2]; rotate adjacent pairs in fp32.
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    f = freqs.view(1, xs.size(1), 1, xs.size(3), 2)
+    f = freqs.view(-1, xs.size(1), 1, xs.size(3), 2)
     out = torch.stack([xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1],
                        xs[..., 1] * f[..., 0] + xs[..., 0] * f[..., 1]], dim=-1)
     return out.flatten(3).type_as(x)

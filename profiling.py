@@ -1,0 +1,110 @@
+"""Where decode time goes: a torch.profiler trace of decode steps and a table of the time per layer type
+(linears by weight format, attention, norms and RoPE, sampling, the rest).
+
+Layers are labelled with forward hooks, so the model runs eagerly here: a compiled graph fuses layers into
+kernels that no longer belong to one of them. The table therefore shows the eager split of the work.
+"""
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.autograd.profiler import record_function
+
+from model import Attention, KVCache, Linear, RMSNorm, Transformer
+from quantize import QuantLinear
+from sampling import sample
+
+GROUPS = ("attention", "norms/rope", "sampling", "other")
+# Inside an attention layer, the ops that are not the attention itself: apply_rotary_emb's arithmetic.
+ROPE_OPS = {"aten::mul", "aten::sub", "aten::add", "aten::stack", "aten::flatten", "aten::type_as", "aten::to",
+            "aten::reshape", "aten::select"}
+
+
+def layer_label(module) -> str:
+    if isinstance(module, QuantLinear):
+        return f"linear {module.fmt.name}"
+    if isinstance(module, Linear):
+        return f"linear {str(module.weight.dtype).removeprefix('torch.')}"
+    if isinstance(module, (Attention, KVCache)):
+        return "attention"
+    if isinstance(module, RMSNorm):
+        return "norm"
+    return None
+
+
+def _label_layers(model):
+    """Forward hooks that open a profiler range named after each layer's type; returns their handles."""
+    handles = []
+    for module in model.modules():
+        label = layer_label(module)
+        if label is None:
+            continue
+
+        def enter(mod, args, label=label):
+            mod._profile_range = record_function(label)
+            mod._profile_range.__enter__()
+
+        def leave(mod, args, out):
+            mod._profile_range.__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+@torch.no_grad()
+def profile_decode(model: Transformer, prompt: torch.Tensor, steps: int, trace_path, **sampling) -> str:
+    """Prefill `prompt` ([T] tokens), profile `steps` eager decode steps, write a Chrome trace to trace_path and
+    return the table. The caller has set up caches for T + steps tokens."""
+    T = prompt.numel()
+    token = sample(model(prompt.view(1, -1), torch.arange(T, device=prompt.device))[:, -1], **sampling)
+    handles = _label_layers(model)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for i in range(steps):
+                with record_function("decode step"):
+                    logits = model(token, torch.tensor([T + i], device=prompt.device))
+                    with record_function("sampling"):
+                        token = sample(logits[:, -1], **sampling)
+            wall = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    trace_path = Path(trace_path)
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace_path))
+    return _table(prof.events(), steps, wall)
+
+
+def _table(events, steps: int, wall: float) -> str:
+    ms, calls = defaultdict(float), defaultdict(int)
+    step_ms = 0.0
+    for e in events:
+        t = e.cpu_time_total / 1000
+        if e.name == "decode step":
+            step_ms += t
+        elif e.name.startswith("linear ") or e.name == "sampling":
+            ms[e.name] += t
+            calls[e.name] += 1
+        elif e.name == "norm":
+            ms["norms/rope"] += t
+            calls["norms/rope"] += 1
+        elif e.name == "attention" and (e.cpu_parent is None or e.cpu_parent.name != "attention"):
+            calls["attention"] += 1
+            for child in e.cpu_children:  # the layer's own time, less its linears and RoPE arithmetic
+                t -= child.cpu_time_total / 1000 if child.name.startswith("linear ") else 0.0
+                if child.name in ROPE_OPS:
+                    t -= child.cpu_time_total / 1000
+                    ms["norms/rope"] += child.cpu_time_total / 1000
+            ms["attention"] += t
+    ms["other"] = step_ms - sum(ms.values())
+    rows = sorted((k for k in ms if k.startswith("linear ")), key=lambda k: -ms[k]) + list(GROUPS)
+    header = (f"decode, {steps} eager steps: {wall / steps * 1000:.1f} ms per token "
+              f"({step_ms / steps:.1f} ms inside the profiled steps)")
+    lines = [header, "| layer type | calls per token | ms per token | share |", "|---|---|---|---|"]
+    for k in rows:
+        share = 100 * ms[k] / step_ms if step_ms else 0.0
+        n = f"{calls[k] / steps:.0f}" if calls[k] else "-"
+        lines.append(f"| {k} | {n} | {ms[k] / steps:.2f} | {share:.0f}% |")
+    return "\n".join(lines)
