@@ -1,7 +1,9 @@
-"""Weight-only quantization: formats, the one QuantLinear module, RTN and GPTQ, recipes, and the CLI.
+"""Weight-only quantization: formats, the one QuantLinear module, RTN / GPTQ / AWQ (+clip) / AWQ+GPTQ, recipes,
+and the CLI.
 
-    python quantize.py --mode int4 --groupsize 128 --method gptq --out checkpoints/smollm2-int4-g128-gptq
-    python quantize.py --mode int8 --out checkpoints/smollm2-int8
+    python quantize.py --mode int4 --groupsize 128 --method gptq --quantize_output --out checkpoints/smollm2-int4-gptq
+    python quantize.py --mode int8 --quantize_output --out checkpoints/smollm2-int8
+    python quantize.py --mode hybrid --recipe recipe.json --out checkpoints/smollm2-hybrid   # see layer_sensitivity.py
 
 A format is (bits, group size, symmetric?). Codes q are unsigned integers in [0, 2^bits); a weight is
 W[n, k] = (q[n, k] - z[n, k // g]) * s[n, k // g]. Symmetric formats fix z = 2^(bits-1) and store no zeros.
@@ -328,22 +330,23 @@ def _set_module(model, name: str, module: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+
+
 @torch.no_grad()
 def quantize_model(model, plan: dict, method: str = "rtn", calib: torch.Tensor = None, damp: float = 0.01,
-                   act_order: bool = False, log=print):
+                   act_order: bool = True, log=print):
     """Replace each planned linear by a QuantLinear, in place. GPTQ runs block by block: calibration
     activations flow through the already-quantized earlier blocks, so memory stays at one block."""
     for name in plan:
         check_weight(model.get_submodule(name).weight, name)
     clips = {}
-    if method in ("gptq", "awq") and calib is None:
-        raise ValueError(f"{method} needs calibration tokens")
-    if method == "gptq":
-        _gptq_model(model, plan, calib, damp, act_order, log)
-    elif method == "awq":
-        clips = _awq_model(model, plan, calib, log)
-    elif method != "rtn":
-        raise ValueError(f"unknown method {method!r} (rtn, gptq, awq)")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} ({', '.join(METHODS)})")
+    if method != "rtn":
+        if calib is None:
+            raise ValueError(f"{method} needs calibration tokens")
+        clips = _calibrated_model(model, plan, calib, method, damp, act_order, log)
     for name, fmt in plan.items():  # RTN for everything GPTQ did not cover (and the head)
         mod = model.get_submodule(name)
         if fmt is not None and isinstance(mod, nn.Linear):
@@ -385,22 +388,10 @@ def _float_targets(block, plan, prefix):
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and plan.get(prefix + n) is not None}
 
 
-def _gptq_model(model, plan, calib, damp, act_order, log):
-    def quantize_block(i, block, x, freqs):
-        prefix = f"layers.{i}."
-        targets = _float_targets(block, plan, prefix)
-        hessians = {n: HessianAccumulator(m.in_features) for n, m in targets.items()}
-        _capture_inputs(block, x, freqs, targets, lambda n, a: hessians[n].add(a))
-        for n, m in targets.items():
-            fmt = plan[prefix + n]
-            q, s, z = gptq_quantize(m.weight.float(), hessians[n].h, fmt, damp=damp, act_order=act_order)
-            _set_module(block, n, QuantLinear.from_codes(q, s, z, fmt))
-    _blockwise(model, calib, quantize_block, log, "gptq")
-
-
 # ---------------------------------------------------------------- AWQ-style scales + clip search
 
-def _fake_quantize(w, fmt, clip=None):
+def fake_quantize(w, fmt, clip=None):
+    """Round-to-nearest quantize then dequantize a float weight (what RTN would store, as floats)."""
     s, z = quant_params(w, fmt, clip)
     q = quantize_codes(w, s, z, fmt).float()
     return (q - expand_groups(z, fmt, w.shape[1])) * expand_groups(s, fmt, w.shape[1])
@@ -416,7 +407,7 @@ def awq_search_scale(x: torch.Tensor, weights: list, fmts: list, grid: int = 20)
     for a in range(grid):
         s = x_mean.pow(a / grid).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = sum(((x @ (_fake_quantize(w * s, f) / s).T - r) ** 2).mean().item() for w, f, r in zip(weights, fmts, ref))
+        err = sum(((x @ (fake_quantize(w * s, f) / s).T - r) ** 2).mean().item() for w, f, r in zip(weights, fmts, ref))
         if err < best:
             best, best_s = err, s
     return best_s
@@ -434,7 +425,7 @@ def awq_search_clip(x: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, steps: i
     org = torch.einsum("tgk,ngk->tng", xg, wg)
     for i in range(int(steps * (1 - min_ratio)) + 1):
         clip = amax * (1 - i / steps)
-        wq = _grouped(_fake_quantize(w, fmt, clip), fmt, 0.0)
+        wq = _grouped(fake_quantize(w, fmt, clip), fmt, 0.0)
         err = ((torch.einsum("tgk,ngk->tng", xg, wq) - org) ** 2).mean(0)  # [N, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -442,52 +433,70 @@ def awq_search_clip(x: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, steps: i
     return best
 
 
-def _awq_model(model, plan, calib, log, search_tokens: int = 2048):
-    """AWQ scales folded into the preceding norm (or linear), then a clip search per layer, then RTN with the
-    clips. Returns {layer name: clip [N, G]} for QAT to start from."""
+def _calibrated_model(model, plan, calib, method, damp, act_order, log, search_tokens: int = 2048):
+    """GPTQ, AWQ, or AWQ's scales then GPTQ, block by block. AWQ folds per-channel scales into the op that feeds
+    each group of layers (a norm or linear), then searches clips per layer and rounds; GPTQ rounds with error
+    compensation from the Hessian of the layer's inputs (after the scales, H' = diag(1/s) H diag(1/s)).
+    Returns {layer name: clip [N, G]} (AWQ alone) for QAT to start from."""
+    scale_search, error_comp = method in ("awq", "awq+gptq"), method in ("gptq", "awq+gptq")
     clips = {}
 
     def quantize_block(i, block, x, freqs):
         prefix = f"layers.{i}."
         targets = _float_targets(block, plan, prefix)
+        hessians = {n: HessianAccumulator(m.in_features) for n, m in targets.items()}
         seen = {}
-        _capture_inputs(block, x, freqs, targets, lambda n, a: seen.setdefault(n, []).append(a.reshape(-1, a.shape[-1])))
-        g = torch.Generator().manual_seed(i)
+
+        def on_input(n, a):
+            a = a.reshape(-1, a.shape[-1])
+            if error_comp:
+                hessians[n].add(a)
+            if scale_search:
+                seen.setdefault(n, []).append(a)
+        _capture_inputs(block, x, freqs, targets, on_input)
         acts = {}
+        g = torch.Generator().manual_seed(i)
         for n, chunks in seen.items():
             a = torch.cat(chunks)
             acts[n] = a[torch.randperm(a.shape[0], generator=g)[:search_tokens]]
-        att, ff = block.attention, block.feed_forward
-        # (the op whose output feeds the layers, the layers): scaling its output by 1/s is exact.
-        pairs = [(block.attention_norm, ["attention.wq", "attention.wk", "attention.wv"]),
-                 (block.ffn_norm, ["feed_forward.w1", "feed_forward.w3"]),
-                 (ff.w3, ["feed_forward.w2"])]
-        if att.wv.out_features == att.wo.in_features:  # with GQA, v's outputs do not line up with o's inputs
-            pairs.append((att.wv, ["attention.wo"]))
-        for prev, names in pairs:
-            names = [n for n in names if n in targets]
-            if not names or isinstance(prev, QuantLinear):  # a quantized producer cannot absorb the scales
-                continue
-            ws = [targets[n].weight.float() for n in names]
-            s = awq_search_scale(acts[names[0]], ws, [plan[prefix + n] for n in names])
-            with torch.no_grad():
-                if isinstance(prev, nn.Linear):
-                    prev.weight.div_(s.view(-1, 1).to(prev.weight.dtype))
-                else:
-                    prev.weight.div_(s.to(prev.weight.dtype))
-                for n in names:
-                    targets[n].weight.mul_(s.to(targets[n].weight.dtype))
-                    acts[n] = acts[n] / s
+        if scale_search:
+            for prev, names in _scale_groups(block, targets):
+                s = awq_search_scale(acts[names[0]], [targets[n].weight.float() for n in names],
+                                     [plan[prefix + n] for n in names])
+                with torch.no_grad():
+                    prev.weight.div_((s.view(-1, 1) if isinstance(prev, nn.Linear) else s).to(prev.weight.dtype))
+                    for n in names:
+                        targets[n].weight.mul_(s.to(targets[n].weight.dtype))
+                        acts[n] = acts[n] / s
+                        if error_comp:
+                            hessians[n].h /= torch.outer(s, s).double()
         for n, m in targets.items():
-            fmt = plan[prefix + n]
-            w = m.weight.float()
-            clip = None if n.endswith(("wq", "wk")) else awq_search_clip(acts[n], w, fmt)  # q/k errors wash out in softmax
-            sc, z = quant_params(w, fmt, clip)
-            _set_module(block, n, QuantLinear.from_codes(quantize_codes(w, sc, z, fmt), sc, z, fmt))
-            if clip is not None:
-                clips[prefix + n] = clip
-    _blockwise(model, calib, quantize_block, log, "awq")
+            fmt, w = plan[prefix + n], m.weight.float()
+            if error_comp:
+                q, sc, z = gptq_quantize(w, hessians[n].h, fmt, damp=damp, act_order=act_order)
+            else:
+                clip = None if n.endswith(("wq", "wk")) else awq_search_clip(acts[n], w, fmt)  # q/k: softmax absorbs
+                sc, z = quant_params(w, fmt, clip)
+                q = quantize_codes(w, sc, z, fmt)
+                if clip is not None:
+                    clips[prefix + n] = clip
+            _set_module(block, n, QuantLinear.from_codes(q, sc, z, fmt))
+    _blockwise(model, calib, quantize_block, log, method)
     return clips
+
+
+def _scale_groups(block, targets):
+    """(the op whose output feeds the layers, the layers): scaling that op's output by 1/s is exact."""
+    att, ff = block.attention, block.feed_forward
+    pairs = [(block.attention_norm, ["attention.wq", "attention.wk", "attention.wv"]),
+             (block.ffn_norm, ["feed_forward.w1", "feed_forward.w3"]),
+             (ff.w3, ["feed_forward.w2"])]
+    if att.wv.out_features == att.wo.in_features:  # with GQA, v's outputs do not line up with o's inputs
+        pairs.append((att.wv, ["attention.wo"]))
+    for prev, names in pairs:
+        names = [n for n in names if n in targets]
+        if names and not isinstance(prev, QuantLinear):  # a quantized producer cannot absorb the scales
+            yield prev, names
 
 
 def tie_quantized_head(model):
@@ -515,14 +524,19 @@ def parse_args(argv=None):
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None)
     sym.add_argument("--asym", dest="sym", action="store_false")
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"])
+    p.add_argument("--method", default="rtn", choices=METHODS,
+                   help="awq+gptq: AWQ's per-channel scales, then GPTQ's error-compensating rounding")
     p.add_argument("--recipe", help="hybrid: JSON file {default, layers: {pattern: format}}")
-    p.add_argument("--quantize_output", action="store_true", help="also quantize the output head (and a tied embedding)")
+    p.add_argument("--quantize_output", nargs="?", const="int8", metavar="FORMAT",
+                   help="also quantize the output head (and a tied embedding), at int8 unless a format is given "
+                        "(int4 costs this model more perplexity than its whole int4 body)")
     p.add_argument("--calib", default="boolq", help="calibration text: boolq | lambada | a local .txt/.jsonl file")
     p.add_argument("--calib_samples", type=int, default=128)
     p.add_argument("--calib_seqlen", type=int, default=512)
     p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--act_order", action="store_true")
+    p.add_argument("--act_order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal (default on: on small models the few "
+                        "channels with huge activations otherwise absorb everyone's error)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", required=True, help="output checkpoint folder")
@@ -547,7 +561,7 @@ def recipe_from_args(a) -> dict:
         fmt = QuantFormat(int(a.mode[3:]), a.groupsize, bool(a.sym))
     recipe = {"default": fmt.name}
     if a.quantize_output:
-        recipe["layers"] = {"output": fmt.name if fmt.bits in (4, 8) else "int8"}
+        recipe["layers"] = {"output": QuantFormat.parse(a.quantize_output).name}
     return recipe
 
 
@@ -561,7 +575,7 @@ def main(argv=None):
     model = load_model(ckpt)
     plan = resolve_recipe(recipe_from_args(a), linear_names(model))
     calib = None
-    if a.method in ("gptq", "awq"):
+    if a.method != "rtn":
         from eval.data import calibration_batches
         calib = calibration_batches(load_tokenizer_for(ckpt), a.calib_samples, a.calib_seqlen, a.calib, a.seed)
     t0 = time.perf_counter()

