@@ -65,7 +65,7 @@ def _sync(device):
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, stop_ids=(), on_token=None,
              prefill_fn=prefill, decode_fn=decode_one_token, speculator=None, speculate_k: int = 4,
-             verify_fn=verify, prefill_cache: PrefillCache = None, **sampling):
+             verify_fn=verify, prefill_cache: PrefillCache | None = None, **sampling):
     """prompt: [T] token ids. Returns (new token ids [N], GenerationStats). The caller has set up the caches
     (model.setup_caches) large enough for T + max_new_tokens. `on_token(id)` streams each new token.
 

@@ -35,18 +35,20 @@ def layer_label(module) -> str:
 
 def _label_layers(model):
     """Forward hooks that open a profiler range named after each layer's type; returns their handles."""
+    open_ranges = []  # calls nest, so the innermost open range is the one a forward hook closes
+
+    def leave(module, args, out):
+        open_ranges.pop().__exit__(None, None, None)
+
     handles = []
     for module in model.modules():
         label = layer_label(module)
         if label is None:
             continue
 
-        def enter(mod, args, label=label):
-            mod._profile_range = record_function(label)
-            mod._profile_range.__enter__()
-
-        def leave(mod, args, out):
-            mod._profile_range.__exit__(None, None, None)
+        def enter(module, args, label=label):
+            open_ranges.append(record_function(label))
+            open_ranges[-1].__enter__()
 
         handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     return handles
