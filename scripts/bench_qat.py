@@ -21,14 +21,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import torch  # noqa: E402
+import torch
 
-import train_qat  # noqa: E402
-from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint, save_quantized  # noqa: E402
-from cli import run  # noqa: E402
-from eval.data import calibration_batches, corpus_text  # noqa: E402
-from eval.perplexity import perplexity  # noqa: E402
-from quantize import QuantFormat, linear_names, quantize_model, resolve_recipe  # noqa: E402
+import train_qat
+from checkpoint import (
+    load_model,
+    load_tokenizer_for,
+    resolve_checkpoint,
+    save_quantized,
+)
+from cli import run
+from eval.data import calibration_batches, corpus_text
+from eval.perplexity import perplexity
+from quantize import QuantFormat, linear_names, quantize_model, resolve_recipe
 
 
 def ptq_checkpoint(ckpt, fmt: QuantFormat, method: str, calib, work: Path) -> tuple:
@@ -45,8 +50,14 @@ def ptq_checkpoint(ckpt, fmt: QuantFormat, method: str, calib, work: Path) -> tu
     return out, seconds
 
 
-def ppl_of(folder, tokens, context) -> float:
-    return perplexity(load_model(folder), tokens, context)["ppl"]
+def ppl_of(folder, tokens, context, cache: Path) -> float:
+    """Perplexity of a checkpoint, remembered in `cache` (a JSON file) so a rerun does not score it again."""
+    seen = json.loads(cache.read_text()) if cache.is_file() else {}
+    key = f"{folder}|{tokens.numel()}|{context}"
+    if key not in seen:
+        seen[key] = perplexity(load_model(folder), tokens, context)["ppl"]
+        cache.write_text(json.dumps(seen, indent=1))
+    return seen[key]
 
 
 def qat_args(a, ckpt, init, run_dir, data, loss, steps, eval_every):
@@ -54,7 +65,7 @@ def qat_args(a, ckpt, init, run_dir, data, loss, steps, eval_every):
         "train", "--checkpoint", str(ckpt), "--data", str(data), "--init", str(init), "--loss", loss,
         "--seq_len", str(a.seq_len), "--batch_size", str(a.batch_size), "--micro_batch", str(a.micro_batch),
         "--steps", str(steps), "--lr", str(a.lr), "--min_lr", str(a.lr / 10), "--warmup", str(a.warmup),
-        *(["--train_scales"] if a.train_scales else []), "--eval_every", str(eval_every),
+        *([] if a.fixed_scales else ["--train_scales"]), "--dtype", a.dtype, "--eval_every", str(eval_every),
         "--eval_tokens", str(a.curve_tokens), "--eval_context", str(a.context), "--save_every", "5",
         "--run_dir", str(run_dir), "--resume", "--threads", str(a.threads)])
 
@@ -65,17 +76,19 @@ def train_seconds(run_dir: Path) -> float:
     return sum(r["tokens"] / r["step"] / r["tok_s"] for r in rows if "loss" in r)
 
 
-def step_tok_s(student, teacher, windows, runs: int) -> float:
-    """Median tokens/s of a full optimizer step (CAKLD against on-the-fly teacher logits, AdamW)."""
+def step_tok_s(student, teacher, windows, runs: int, dtype) -> float:
+    """Median tokens/s of one optimizer step (CAKLD against on-the-fly teacher logits, AdamW) under autocast(dtype)."""
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     speeds = []
     for _ in range(runs + 1):  # the first step warms up allocations
         t0 = time.perf_counter()
         x = windows[:, :-1]
-        with torch.no_grad():
-            target = teacher(x)
-        train_qat.loss_fn("cakld", student(x), target, windows[:, 1:], 0.5).backward()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits = student(x)
+            with torch.no_grad():
+                target = teacher(x)
+        train_qat.loss_fn("cakld", logits, target, windows[:, 1:], 0.5).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         speeds.append(x.numel() / (time.perf_counter() - t0))
@@ -85,109 +98,114 @@ def step_tok_s(student, teacher, windows, runs: int) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--format", default="int2-g64-asym")
-    p.add_argument("--work", default="out/bench_qat", help="folder for checkpoints, data and runs (reused)")
+    p.add_argument("--work", default="out/bench_qat", help="folder for checkpoints, data, runs and scores (reused)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval_tokens", type=int, default=16384)
-    p.add_argument("--curve_tokens", type=int, default=4096)
+    p.add_argument("--eval_tokens", type=int, default=4096)
+    p.add_argument("--curve_tokens", type=int, default=2048)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--calib_samples", type=int, default=64)
-    p.add_argument("--gen_count", type=int, default=160)
-    p.add_argument("--gen_new_tokens", type=int, default=192)
+    p.add_argument("--gen_count", type=int, default=48)
+    p.add_argument("--gen_new_tokens", type=int, default=128)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--micro_batch", type=int, default=2)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--train_scales", action="store_true")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--eval_every", type=int, default=20)
-    p.add_argument("--loss_steps", type=int, default=20)
-    p.add_argument("--no_losses", action="store_true")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--fixed_scales", action="store_true", help="do not train the quantization scales")
+    p.add_argument("--dtype", default="bf16", help="QAT compute dtype (bf16: autocast; the weights stay float32)")
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--eval_every", type=int, default=8)
+    p.add_argument("--losses", default="cakld,fkl,ce")
+    p.add_argument("--loss_steps", type=int, default=6)
     p.add_argument("--no_speed", action="store_true")
-    p.add_argument("--plot", default="docs/qat_curve.png")
+    p.add_argument("--plot", default=None, help="default: docs/qat_FORMAT.png")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     fmt = QuantFormat.parse(a.format)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    scores = work / "perplexity.json"
     ckpt = resolve_checkpoint(None)
     tok = load_tokenizer_for(ckpt)
-    tokens = torch.tensor(tok.encode(corpus_text("boolq", "eval"), bos=tok.add_bos, allow_special=False))[:a.eval_tokens]
-    print(f"model {ckpt.name} | {fmt.name}, output head float | perplexity: BoolQ eval split, first {tokens.numel()} "
-          f"tokens, context {a.context} | CPU, {a.threads} thread(s), torch {torch.__version__}", flush=True)
+    stream = torch.tensor(tok.encode(corpus_text("boolq", "eval"), bos=tok.add_bos, allow_special=False))
+    tokens, short = stream[:a.eval_tokens], stream[:a.curve_tokens]
+    print(f"model {ckpt.name} | {fmt.name}, output head float (as BitDistiller) | perplexity: BoolQ eval split, first "
+          f"{tokens.numel()} tokens, context {a.context}, float32 | CPU, {a.threads} thread(s), torch {torch.__version__}",
+          flush=True)
 
-    # 1. PTQ rows
+    # 1. PTQ
     calib = calibration_batches(tok, a.calib_samples, 512, "boolq", seed=0)
-    rows = [("float", "-", ppl_of(ckpt, tokens, a.context))]
+    float_ppl = ppl_of(ckpt, tokens, a.context, scores)
+    rows = [("float (teacher)", "-", float_ppl)]
     ptq = {}
     for method in ("rtn", "gptq", "awq"):
         folder, seconds = ptq_checkpoint(ckpt, fmt, method, calib, work)
-        ptq[method] = (folder, ppl_of(folder, tokens, a.context))
-        rows.append((f"PTQ {method.upper()}" + ("+clip" if method == "awq" else ""),
-                     f"{seconds:.0f} s ({a.calib_samples} x 512 calibration tokens)" if method != "rtn" else f"{seconds:.0f} s",
-                     ptq[method][1]))
+        ptq[method] = (folder, ppl_of(folder, tokens, a.context, scores))
+        cost = f"{seconds:.0f} s" + (f" ({a.calib_samples} x 512 calibration tokens)" if method != "rtn" else "")
+        rows.append((f"PTQ {method.upper()}" + ("+clip" if method == "awq" else ""), cost, ptq[method][1]))
         print(f"  {rows[-1]}", flush=True)
     best = min(ptq, key=lambda m: ptq[m][1])
 
     # 2. teacher data
     data = work / "teacher.jsonl"
-    t0 = time.perf_counter()
     train_qat.main(["gen-data", "--out", str(data), "--count", str(a.gen_count), "--prompt_tokens", "64",
                     "--max_new_tokens", str(a.gen_new_tokens), "--threads", str(a.threads)])
-    gen_seconds = time.perf_counter() - t0
     data_tokens = train_qat.training_tokens(str(data), tok).numel()
 
     # 3. the main QAT run
     main_dir = work / f"qat-{fmt.name}-cakld"
     summary = train_qat.train(qat_args(a, ckpt, ptq[best][0], main_dir, data, "cakld", a.steps, a.eval_every))
-    qat_ppl = ppl_of(summary["out"], tokens, a.context)
-    qat_s = train_seconds(main_dir)
-    rows.append((f"QAT CAKLD from {best.upper()}", f"{a.steps} steps, {summary['tokens']} tokens, {qat_s / 60:.1f} min",
-                 qat_ppl))
-    float_ppl = rows[0][2]
-    print(f"\nteacher data: {data_tokens} tokens ({a.gen_count} BoolQ calibration prompts of 64 tokens, up to "
-          f"{a.gen_new_tokens} new tokens, temperature 0.7; {gen_seconds:.0f} s this invocation)")
-    print(f"QAT: seq_len {a.seq_len}, batch {a.batch_size}, AdamW lr {a.lr} (warm-up {a.warmup}, cosine to {a.lr / 10}), "
-          f"train_scales {a.train_scales}, beta {summary['beta']:.3f}\n")
+    minutes = train_seconds(main_dir) / 60
+    rows.append((f"QAT CAKLD from PTQ {best.upper()}", f"{a.steps} steps, {summary['tokens']} tokens, {minutes:.0f} min",
+                 ppl_of(summary["out"], tokens, a.context, scores)))
+    print(f"\nteacher data: {data_tokens} tokens ({a.gen_count} BoolQ calibration passages cut to 64-token prompts, up "
+          f"to {a.gen_new_tokens} new tokens each, temperature 0.7)")
+    print(f"QAT: {a.dtype} autocast, seq_len {a.seq_len}, batch {a.batch_size}, AdamW lr {a.lr} (warm-up {a.warmup} "
+          f"steps, cosine to {a.lr / 10}), scales {'fixed' if a.fixed_scales else 'trained'}, "
+          f"CAKLD beta {summary['beta']:.3f}; cost = time in optimizer steps\n")
     print("| model | cost | ppl BoolQ | x float |")
     print("|---|---|---|---|")
     for name, cost, ppl in rows:
         print(f"| {name} | {cost} | {ppl:.2f} | {ppl / float_ppl:.2f} |")
-    train_qat.plot_curves(main_dir / "log.jsonl", Path(a.plot),
-                          {"float": float_ppl, f"PTQ {best.upper()}": ptq[best][1]},
-                          title=f"{ckpt.name} {fmt.name}: QAT (CAKLD) from {best.upper()}")
-    print(f"\ncurve: {a.plot} (held-out perplexity on the first {a.curve_tokens} tokens)")
+    plot = Path(a.plot or f"docs/qat_{fmt.name}.png")
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    train_qat.plot_curves(main_dir / "log.jsonl", plot, {"float": ppl_of(ckpt, short, a.context, scores)},
+                          title=f"{ckpt.name} {fmt.name}: QAT (CAKLD) from PTQ {best.upper()}")
+    print(f"\ncurve: {plot} (held-out perplexity on the first {a.curve_tokens} tokens, {a.dtype}, every "
+          f"{a.eval_every} steps)", flush=True)
 
     # 4. losses at an equal budget
-    if not a.no_losses:
-        print(f"\nlosses, each {a.loss_steps} steps ({a.loss_steps * a.batch_size * a.seq_len} tokens) from PTQ "
-              f"{best.upper()}, perplexity on the first {a.curve_tokens} tokens:\n")
+    if a.losses:
+        print(f"\nlosses, each {a.loss_steps} steps ({a.loss_steps * a.batch_size * a.seq_len} tokens, same schedule) "
+              f"from PTQ {best.upper()}; perplexity on the first {a.curve_tokens} tokens:\n")
         print("| loss | ppl BoolQ | x float | train min |")
         print("|---|---|---|---|")
-        short = tokens[:a.curve_tokens]
-        short_float = perplexity(load_model(ckpt), short, a.context)["ppl"]
-        for loss in train_qat.LOSSES:
+        short_float = ppl_of(ckpt, short, a.context, scores)
+        print(f"| (start: PTQ {best.upper()}) | {ppl_of(ptq[best][0], short, a.context, scores):.2f} | "
+              f"{ppl_of(ptq[best][0], short, a.context, scores) / short_float:.2f} | - |")
+        for loss in a.losses.split(","):
             run_dir = work / f"loss-{fmt.name}-{loss}"
             s = train_qat.train(qat_args(a, ckpt, ptq[best][0], run_dir, data, loss, a.loss_steps, 0))
-            ppl = ppl_of(s["out"], short, a.context)
+            ppl = ppl_of(s["out"], short, a.context, scores)
             print(f"| {loss} | {ppl:.2f} | {ppl / short_float:.2f} | {train_seconds(run_dir) / 60:.1f} |", flush=True)
 
     # 5. throughput
     if not a.no_speed:
-        windows = train_qat.make_windows(train_qat.training_tokens(str(data), tok), a.seq_len, data)[:a.batch_size]
+        windows = train_qat.make_windows(train_qat.training_tokens(str(data), tok), a.seq_len, data)[:1]
         teacher = load_model(ckpt).requires_grad_(False)
         student, _ = train_qat.build_student(qat_args(a, ckpt, ptq[best][0], work / "unused", data, "cakld", 1, 0),
                                              ckpt, tok)
-        float_student = load_model(ckpt)
-        float_student.tok_embeddings.weight.requires_grad_(False)  # as in QAT: the embedding/head stays frozen
-        speeds = {"fake-quant student": step_tok_s(student, teacher, windows, 3),
-                  "float model": step_tok_s(float_student, teacher, windows, 3)}
-        print(f"\ntraining throughput, one step of {windows.shape[0]} x {a.seq_len} tokens (CAKLD, teacher on the fly, "
-              f"AdamW), median of 3:\n")
-        print("| trained model | tok/s | vs float |")
-        print("|---|---|---|")
-        for name, s in speeds.items():
-            print(f"| {name} | {s:.1f} | {s / speeds['float model']:.2f} |")
+        float_model = load_model(ckpt)
+        float_model.tok_embeddings.weight.requires_grad_(False)  # as in QAT: the tied embedding/head stays frozen
+        print(f"\ntraining throughput: one optimizer step on 1 x {a.seq_len} tokens (CAKLD, teacher logits on the fly, "
+              f"AdamW), median of 3 after a warm-up step:\n")
+        print("| trained model | compute | tok/s | vs float model, same compute |")
+        print("|---|---|---|---|")
+        for dtype in (torch.float32, torch.bfloat16):
+            speeds = {name: step_tok_s(m, teacher, windows, 3, dtype)
+                      for name, m in (("float model", float_model), ("fake-quant student", student))}
+            for name, tok_s in speeds.items():
+                print(f"| {name} | {str(dtype)[6:]} | {tok_s:.1f} | {tok_s / speeds['float model']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
