@@ -1,0 +1,212 @@
+"""QAT against PTQ at low bits on the default model: the numbers and the curve plot in BENCHMARKS.md.
+
+    python scripts/bench_qat.py --threads 2                       # int2-g64-asym, CPU budget as in BENCHMARKS.md
+    python scripts/bench_qat.py --format int3-g128 --steps 40 --no_losses --no_speed
+
+Stages, each reusing what the work folder already holds (an interrupted benchmark continues where it stopped;
+QAT runs resume from their checkpoints):
+1. float, RTN, GPTQ and AWQ+clip perplexity: eval/perplexity.py's protocol on the first --eval_tokens tokens of
+   the BoolQ evaluation split (odd documents); calibration from the BoolQ calibration split (even documents).
+2. teacher data: `train_qat.py gen-data`, the float model continuing BoolQ calibration passages.
+3. QAT from the best PTQ checkpoint on the teacher data (CAKLD), --steps steps; its curve (held-out perplexity
+   on a --curve_tokens slice every --eval_every steps) is plotted to --plot.
+4. losses: CAKLD, forward KL, reverse KL and cross-entropy from the same start at an equal, smaller budget.
+5. training throughput: tokens/s of one optimizer step, fake-quant student vs the float model, median of runs.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+
+import train_qat
+from checkpoint import (
+    load_model,
+    load_tokenizer_for,
+    resolve_checkpoint,
+    save_quantized,
+)
+from cli import run
+from eval.data import calibration_batches, corpus_text
+from eval.perplexity import perplexity
+from quantize import QuantFormat, linear_names, quantize_model, resolve_recipe
+
+
+def ptq_checkpoint(ckpt, fmt: QuantFormat, method: str, calib, work: Path) -> tuple:
+    """(folder, seconds): the float model quantized by `method` (the head stays float, as in BitDistiller)."""
+    out = work / f"{fmt.name}-{method}"
+    if (out / "config.json").is_file():
+        return out, json.loads((out / "config.json").read_text())["quantization"]["seconds"]
+    t0 = time.perf_counter()
+    model = load_model(ckpt)
+    plan = resolve_recipe({"default": fmt.name}, linear_names(model))
+    quantize_model(model, plan, method, calib if method != "rtn" else None, log=lambda s: None)
+    seconds = round(time.perf_counter() - t0, 1)
+    save_quantized(model, plan, ckpt, out, {"method": method, "seconds": seconds})
+    return out, seconds
+
+
+def ppl_of(folder, tokens, context, cache: Path) -> float:
+    """Perplexity of a checkpoint, remembered in `cache` (a JSON file) so a rerun does not score it again."""
+    seen = json.loads(cache.read_text()) if cache.is_file() else {}
+    key = f"{folder}|{tokens.numel()}|{context}"
+    if key not in seen:
+        seen[key] = perplexity(load_model(folder), tokens, context)["ppl"]
+        cache.write_text(json.dumps(seen, indent=1))
+    return seen[key]
+
+
+def qat_args(a, ckpt, init, run_dir, data, loss, steps, eval_every):
+    return train_qat.parse_args([
+        "train", "--checkpoint", str(ckpt), "--data", str(data), "--init", str(init), "--loss", loss,
+        "--seq_len", str(a.seq_len), "--batch_size", str(a.batch_size), "--micro_batch", str(a.micro_batch),
+        "--steps", str(steps), "--lr", str(a.lr), "--min_lr", str(a.lr / 10), "--warmup", str(a.warmup),
+        *([] if a.fixed_scales else ["--train_scales"]), "--dtype", a.dtype, "--eval_every", str(eval_every),
+        "--eval_tokens", str(a.curve_tokens), "--eval_context", str(a.context), "--save_every", "5",
+        "--run_dir", str(run_dir), "--resume", "--threads", str(a.threads)])
+
+
+def train_seconds(run_dir: Path) -> float:
+    """Time spent in optimizer steps (evaluations excluded), summed over every invocation of the run."""
+    rows = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    return sum(r["tokens"] / r["step"] / r["tok_s"] for r in rows if "loss" in r)
+
+
+def step_tok_s(student, teacher, windows, runs: int, dtype) -> float:
+    """Median tokens/s of one optimizer step (CAKLD against on-the-fly teacher logits, AdamW) under autocast(dtype)."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    speeds = []
+    for _ in range(runs + 1):  # the first step warms up allocations
+        t0 = time.perf_counter()
+        x = windows[:, :-1]
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits = student(x)
+            with torch.no_grad():
+                target = teacher(x)
+        train_qat.loss_fn("cakld", logits, target, windows[:, 1:], 0.5).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        speeds.append(x.numel() / (time.perf_counter() - t0))
+    return statistics.median(speeds[1:])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", default="int2-g64-asym")
+    p.add_argument("--work", default="out/bench_qat", help="folder for checkpoints, data, runs and scores (reused)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval_tokens", type=int, default=4096)
+    p.add_argument("--curve_tokens", type=int, default=2048)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--calib_samples", type=int, default=64)
+    p.add_argument("--gen_count", type=int, default=48)
+    p.add_argument("--gen_new_tokens", type=int, default=128)
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--micro_batch", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--fixed_scales", action="store_true", help="do not train the quantization scales")
+    p.add_argument("--dtype", default="bf16", help="QAT compute dtype (bf16: autocast; the weights stay float32)")
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--eval_every", type=int, default=8)
+    p.add_argument("--losses", default="cakld,fkl,ce")
+    p.add_argument("--loss_steps", type=int, default=6)
+    p.add_argument("--no_speed", action="store_true")
+    p.add_argument("--plot", default=None, help="default: docs/qat_FORMAT.png")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    fmt = QuantFormat.parse(a.format)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    scores = work / "perplexity.json"
+    ckpt = resolve_checkpoint(None)
+    tok = load_tokenizer_for(ckpt)
+    stream = torch.tensor(tok.encode(corpus_text("boolq", "eval"), bos=tok.add_bos, allow_special=False))
+    tokens, short = stream[:a.eval_tokens], stream[:a.curve_tokens]
+    print(f"model {ckpt.name} | {fmt.name}, output head float (as BitDistiller) | perplexity: BoolQ eval split, first "
+          f"{tokens.numel()} tokens, context {a.context}, float32 | CPU, {a.threads} thread(s), torch {torch.__version__}",
+          flush=True)
+
+    # 1. PTQ
+    calib = calibration_batches(tok, a.calib_samples, 512, "boolq", seed=0)
+    float_ppl = ppl_of(ckpt, tokens, a.context, scores)
+    rows = [("float (teacher)", "-", float_ppl)]
+    ptq = {}
+    for method in ("rtn", "gptq", "awq"):
+        folder, seconds = ptq_checkpoint(ckpt, fmt, method, calib, work)
+        ptq[method] = (folder, ppl_of(folder, tokens, a.context, scores))
+        cost = f"{seconds:.0f} s" + (f" ({a.calib_samples} x 512 calibration tokens)" if method != "rtn" else "")
+        rows.append((f"PTQ {method.upper()}" + ("+clip" if method == "awq" else ""), cost, ptq[method][1]))
+        print(f"  {rows[-1]}", flush=True)
+    best = min(ptq, key=lambda m: ptq[m][1])
+
+    # 2. teacher data
+    data = work / "teacher.jsonl"
+    train_qat.main(["gen-data", "--out", str(data), "--count", str(a.gen_count), "--prompt_tokens", "64",
+                    "--max_new_tokens", str(a.gen_new_tokens), "--threads", str(a.threads)])
+    data_tokens = train_qat.training_tokens(str(data), tok).numel()
+
+    # 3. the main QAT run
+    main_dir = work / f"qat-{fmt.name}-cakld"
+    summary = train_qat.train(qat_args(a, ckpt, ptq[best][0], main_dir, data, "cakld", a.steps, a.eval_every))
+    minutes = train_seconds(main_dir) / 60
+    rows.append((f"QAT CAKLD from PTQ {best.upper()}", f"{a.steps} steps, {summary['tokens']} tokens, {minutes:.0f} min",
+                 ppl_of(summary["out"], tokens, a.context, scores)))
+    print(f"\nteacher data: {data_tokens} tokens ({a.gen_count} BoolQ calibration passages cut to 64-token prompts, up "
+          f"to {a.gen_new_tokens} new tokens each, temperature 0.7)")
+    print(f"QAT: {a.dtype} autocast, seq_len {a.seq_len}, batch {a.batch_size}, AdamW lr {a.lr} (warm-up {a.warmup} "
+          f"steps, cosine to {a.lr / 10}), scales {'fixed' if a.fixed_scales else 'trained'}, "
+          f"CAKLD beta {summary['beta']:.3f}; cost = time in optimizer steps\n")
+    print("| model | cost | ppl BoolQ | x float |")
+    print("|---|---|---|---|")
+    for name, cost, ppl in rows:
+        print(f"| {name} | {cost} | {ppl:.2f} | {ppl / float_ppl:.2f} |")
+    plot = Path(a.plot or f"docs/qat_{fmt.name}.png")
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    train_qat.plot_curves(main_dir / "log.jsonl", plot, {"float": ppl_of(ckpt, short, a.context, scores)},
+                          title=f"{ckpt.name} {fmt.name}: QAT (CAKLD) from PTQ {best.upper()}")
+    print(f"\ncurve: {plot} (held-out perplexity on the first {a.curve_tokens} tokens, {a.dtype}, every "
+          f"{a.eval_every} steps)", flush=True)
+
+    # 4. losses at an equal budget
+    if a.losses:
+        print(f"\nlosses, each {a.loss_steps} steps ({a.loss_steps * a.batch_size * a.seq_len} tokens, same schedule) "
+              f"from PTQ {best.upper()}; perplexity on the first {a.curve_tokens} tokens:\n")
+        print("| loss | ppl BoolQ | x float | train min |")
+        print("|---|---|---|---|")
+        short_float = ppl_of(ckpt, short, a.context, scores)
+        print(f"| (start: PTQ {best.upper()}) | {ppl_of(ptq[best][0], short, a.context, scores):.2f} | "
+              f"{ppl_of(ptq[best][0], short, a.context, scores) / short_float:.2f} | - |")
+        for loss in a.losses.split(","):
+            run_dir = work / f"loss-{fmt.name}-{loss}"
+            s = train_qat.train(qat_args(a, ckpt, ptq[best][0], run_dir, data, loss, a.loss_steps, 0))
+            ppl = ppl_of(s["out"], short, a.context, scores)
+            print(f"| {loss} | {ppl:.2f} | {ppl / short_float:.2f} | {train_seconds(run_dir) / 60:.1f} |", flush=True)
+
+    # 5. throughput
+    if not a.no_speed:
+        windows = train_qat.make_windows(train_qat.training_tokens(str(data), tok), a.seq_len, data)[:1]
+        teacher = load_model(ckpt).requires_grad_(False)
+        student, _ = train_qat.build_student(qat_args(a, ckpt, ptq[best][0], work / "unused", data, "cakld", 1, 0),
+                                             ckpt, tok)
+        float_model = load_model(ckpt)
+        float_model.tok_embeddings.weight.requires_grad_(False)  # as in QAT: the tied embedding/head stays frozen
+        print(f"\ntraining throughput: one optimizer step on 1 x {a.seq_len} tokens (CAKLD, teacher logits on the fly, "
+              f"AdamW), median of 3 after a warm-up step:\n")
+        print("| trained model | compute | tok/s | vs float model, same compute |")
+        print("|---|---|---|---|")
+        for dtype in (torch.float32, torch.bfloat16):
+            speeds = {name: step_tok_s(m, teacher, windows, 3, dtype)
+                      for name, m in (("float model", float_model), ("fake-quant student", student))}
+            for name, tok_s in speeds.items():
+                print(f"| {name} | {str(dtype)[6:]} | {tok_s:.1f} | {tok_s / speeds['float model']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    run(main)
