@@ -9,7 +9,13 @@ from kernels.cpu_quant import cpu_kernels_available, quant_gemv
 from kernels.packing import dequantize
 
 GEMV_MAX_ROWS = 8  # up to this many rows of x (decode, small batches) the GEMV kernels win; beyond, GEMM
-_cpu_kernels = None  # built/checked once on the first eager call; compiled graphs read the answer
+
+
+@torch.compiler.assume_constant_result
+def _cpu_kernels_ready() -> bool:
+    """Whether the C++ kernels are built (building them on the first ask). Under torch.compile it runs once, at
+    trace time, and the graph keeps the answer: a graph compiled before any eager call still gets the kernels."""
+    return cpu_kernels_available()
 
 
 def dequantize_weight(qweight, scales, zeros, bits: int, group_size: int, k: int) -> torch.Tensor:
@@ -20,7 +26,6 @@ def dequantize_weight(qweight, scales, zeros, bits: int, group_size: int, k: int
 
 
 def quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, k: int) -> torch.Tensor:
-    global _cpu_kernels
     rows = x.shape[:-1].numel()
     g = group_size or k
     if x.device.type == "cuda" and bits in (2, 3, 4) and k % g == 0 and g % 16 == 0:  # the Triton kernels' tiling
@@ -29,8 +34,6 @@ def quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, k: int) 
         y = quant_matmul(x.reshape(rows, k), qweight, scales, z, bits, g)
         return y.view(*x.shape[:-1], -1)
     if x.device.type == "cpu" and rows <= GEMV_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
-        if _cpu_kernels is None and not torch.compiler.is_compiling():
-            _cpu_kernels = cpu_kernels_available()
-        if _cpu_kernels:
+        if _cpu_kernels_ready():
             return quant_gemv(x, qweight, scales, zeros, bits, group_size)
     return F.linear(x, dequantize_weight(qweight, scales, zeros, bits, group_size, k).to(x.dtype))

@@ -17,14 +17,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import torch  # noqa: E402
+import torch
 
-from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint, save_quantized  # noqa: E402
-from cli import run  # noqa: E402
-from eval.data import calibration_batches, corpus_text  # noqa: E402
-from eval.perplexity import perplexity  # noqa: E402
-from generate import compile_fns, generate  # noqa: E402
-from quantize import QuantFormat, linear_names, quantize_model, resolve_recipe  # noqa: E402
+from checkpoint import (
+    load_model,
+    load_tokenizer_for,
+    resolve_checkpoint,
+    save_quantized,
+)
+from cli import run
+from eval.data import calibration_batches, corpus_text
+from eval.perplexity import perplexity
+from generate import compile_fns, generate
+from quantize import QuantFormat, linear_names, quantize_model, resolve_recipe
 
 DEFAULT_CONFIGS = ("float,int8,int4-g128-asym:rtn,int4-g128-asym:gptq,int4-g128-asym:awq,int4-g64-sym:rtn,"
                    "int3-g128-asym:rtn,int3-g128-asym:gptq,int3-g128-asym:awq,"
@@ -32,9 +37,14 @@ DEFAULT_CONFIGS = ("float,int8,int4-g128-asym:rtn,int4-g128-asym:gptq,int4-g128-
 
 
 def build(ckpt, config: str, calib, out_dir: Path, quantize_output: bool):
-    """Quantize the float checkpoint per config into out_dir; returns the folder to load."""
+    """Quantize the float checkpoint per config into out_dir (reusing a checkpoint a previous run left there);
+    returns (the folder to load, seconds the quantization took)."""
     if config == "float":
-        return ckpt
+        return ckpt, 0.0
+    out = out_dir / config.replace(":", "_").replace("/", "_")
+    if (out / "config.json").is_file():
+        return out, json.loads((out / "config.json").read_text())["quantization"]["seconds"]
+    t0 = time.perf_counter()
     model = load_model(ckpt)
     if config.startswith("recipe:"):
         recipe, method = json.loads(Path(config[7:]).read_text()), "rtn"
@@ -46,8 +56,21 @@ def build(ckpt, config: str, calib, out_dir: Path, quantize_output: bool):
             recipe["layers"] = {"output": "int8"}
     plan = resolve_recipe(recipe, linear_names(model))
     quantize_model(model, plan, method or "rtn", calib if method not in ("", "rtn") else None, log=lambda s: None)
-    return save_quantized(model, plan, ckpt, out_dir / config.replace(":", "_").replace("/", "_"),
-                          {"method": method or "rtn"})
+    seconds = round(time.perf_counter() - t0, 1)
+    return save_quantized(model, plan, ckpt, out, {"method": method or "rtn", "seconds": seconds}), seconds
+
+
+def scores_of(folder, texts: dict, context: int, cache: Path) -> dict:
+    """Perplexity per text, remembered in `cache` (JSON) so a rerun does not score a kept checkpoint again."""
+    seen = json.loads(cache.read_text()) if cache.is_file() else {}
+    key = f"{Path(folder).resolve()}|{context}|" + ",".join(f"{n}:{t.numel()}" for n, t in texts.items())
+    if key not in seen:
+        model = load_model(folder)
+        seen[key] = {n: perplexity(model, t, context)["ppl"] for n, t in texts.items()}
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(seen, indent=1))
+        tmp.replace(cache)
+    return seen[key]
 
 
 def decode_speed(ckpt, prompt, new_tokens, runs, tok):
@@ -94,7 +117,8 @@ def main():
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--prompt", default="What is the capital of France?",
                    help="chat prompt for the decode-speed runs; each model's greedy answer is printed after the table")
-    p.add_argument("--keep", help="folder to keep the quantized checkpoints in (default: a temp folder)")
+    p.add_argument("--keep", help="folder to keep the quantized checkpoints and their perplexities in (default: a "
+                                  "temp folder); a rerun reuses them and measures only what is missing, and speed")
     a = p.parse_args()
     ckpt = resolve_checkpoint(a.checkpoint)
     tok = load_tokenizer_for(ckpt)
@@ -106,6 +130,7 @@ def main():
     prompt = torch.tensor(tok.encode(tok.apply_chat_template([{"role": "user", "content": a.prompt}])),
                           dtype=torch.int)
     out_root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bitfast-bench-"))
+    out_root.mkdir(parents=True, exist_ok=True)
     print(f"model {ckpt} | perplexity: context {a.context}, tokens scored: "
           + ", ".join(f"{n} {(t.numel() // a.context) * (a.context - 1)}" for n, t in texts.items())
           + f" | calibration: {a.calib_samples} x {a.calib_seqlen} BoolQ tokens | decode: compiled, bf16, "
@@ -114,13 +139,9 @@ def main():
     print("\n| config | bits/weight (linears) | size MB | ppl BoolQ | ppl LAMBADA | decode tok/s | quantize s |")
     print("|---|---|---|---|---|---|---|")
     for config in a.configs.split(","):
-        t0 = time.perf_counter()
         torch.set_num_threads(os.cpu_count())  # quantizing and scoring use every core; decode uses --threads
-        q = build(ckpt, config, calib, out_root, not a.no_quantize_output)
-        qtime = time.perf_counter() - t0
-        model = load_model(q)
-        ppl = {n: perplexity(model, t, a.context)["ppl"] for n, t in texts.items()}
-        del model
+        q, qtime = build(ckpt, config, calib, out_root, not a.no_quantize_output)
+        ppl = scores_of(q, texts, a.context, out_root / "perplexity.json")
         size = (Path(q) / "model.safetensors").stat().st_size / 1e6
         speed = ""
         if not a.no_speed:
