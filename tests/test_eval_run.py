@@ -6,10 +6,6 @@ import pytest
 import torch
 
 from checkpoint import (
-    model_state_for_saving,
-    read_config,
-    resolve_checkpoint,
-    save_checkpoint,
     save_quantized,
 )
 from cli import run
@@ -17,6 +13,7 @@ from eval.report import write_report
 from eval.run import main
 from model import ModelArgs, Transformer
 from quantize import linear_names, quantize_model, resolve_recipe
+from tests.tiny import save_tiny
 
 TINY = dict(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=96, vocab_size=49152, block_size=512,
             tie_embeddings=True)
@@ -26,13 +23,9 @@ TINY = dict(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=96, 
 def tiny_checkpoints(tmp_path_factory):
     """A tiny random float checkpoint with the default model's tokenizer, and its int8 copy."""
     root = tmp_path_factory.mktemp("ckpts")
-    default = resolve_checkpoint(None)
-    tokenizer_meta = read_config(default)["tokenizer"]
     torch.manual_seed(0)
     model = Transformer(ModelArgs(**TINY)).eval()
-    save_checkpoint(root / "tiny-float", model_state_for_saving(model.state_dict(), model.args),
-                    {"model_args": vars(model.args), "tokenizer": tokenizer_meta},
-                    {tokenizer_meta["file"]: (default / tokenizer_meta["file"]).read_bytes()})
+    save_tiny(model, root / "tiny-float", tokenizer=True)
     plan = resolve_recipe({"default": "int8"}, linear_names(model))
     quantize_model(model, plan, "rtn", log=lambda s: None)
     save_quantized(model, plan, root / "tiny-float", root / "tiny-int8", {"method": "rtn"})

@@ -1,7 +1,6 @@
 """scripts/layer_sensitivity.py: the cached partial forward equals a full forward, the greedy recipe meets its
 budget with the known-best choice, and bad input fails in one line."""
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import read_config, resolve_checkpoint
+from checkpoint import read_config
 from quantize import QuantFormat, fake_quantize, linear_names
-from tests.test_model import TINY
+from tests.test_model import TINY, tiny_model
 from tests.test_quantize import tiny_ckpt
+from tests.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from layer_sensitivity import choose_recipe, layer_sensitivity  # noqa: E402
+from layer_sensitivity import choose_recipe, layer_sensitivity
 
 
 def full_forward_nll(model, windows):
@@ -64,13 +64,8 @@ def test_recipe_meets_budget_with_least_predicted_loss():
 
 def tiny_ckpt_with_tokenizer(tmp_path):
     """A tiny random model that reads the default model's tokenizer (vocab 49152)."""
-    model, src = tiny_ckpt(tmp_path, vocab_size=49152)
-    default = resolve_checkpoint(None)
-    config = json.loads((src / "config.json").read_text())
-    config["tokenizer"] = read_config(default)["tokenizer"]
-    (src / "config.json").write_text(json.dumps(config))
-    shutil.copy(default / config["tokenizer"]["file"], src)
-    return model, src
+    model = tiny_model(vocab_size=49152)
+    return model, save_tiny(model, tmp_path / "float", tokenizer=True)
 
 
 def run_cli(*args):

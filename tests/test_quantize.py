@@ -8,10 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import load_model, model_state_for_saving, save_checkpoint, save_quantized
-from quantize import (QuantEmbedding, QuantFormat, QuantLinear, gptq_quantize, HessianAccumulator, linear_names,
-                      quant_params, quantize_codes, quantize_model, resolve_recipe, rtn_layer)
+from checkpoint import load_model, save_quantized
+from quantize import (
+    HessianAccumulator,
+    QuantEmbedding,
+    QuantFormat,
+    QuantLinear,
+    gptq_quantize,
+    linear_names,
+    quant_params,
+    quantize_codes,
+    quantize_model,
+    resolve_recipe,
+    rtn_layer,
+)
 from tests.test_model import TINY, tiny_model
+from tests.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = [QuantFormat(8, 0, True), QuantFormat(4, 32, False), QuantFormat(4, 64, True), QuantFormat(3, 32, False),
@@ -109,16 +121,14 @@ def test_gptq_beats_rtn_on_output_error(fmt, act_order):
     gptq_w = reference_weight(q, s, z, fmt, 128)
     rs, rz = quant_params(w, fmt)
     rtn_w = reference_weight(quantize_codes(w, rs, rz, fmt), rs, rz, fmt, 128)
-    err = lambda wq: ((x.double() @ (wq - w.double()).T) ** 2).mean().item()  # noqa: E731
+    err = lambda wq: ((x.double() @ (wq - w.double()).T) ** 2).mean().item()
     assert err(gptq_w) < 0.8 * err(rtn_w)
     assert q.max() <= 2 ** fmt.bits - 1
 
 
 def tiny_ckpt(tmp_path, **over):
     model = tiny_model(**over)
-    save_checkpoint(tmp_path / "float", model_state_for_saving(model.state_dict(), model.args),
-                    {"model_args": vars(model.args), "tokenizer": None})
-    return model, tmp_path / "float"
+    return model, save_tiny(model, tmp_path / "float")
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
@@ -194,13 +204,13 @@ def test_calibrated_methods_beat_rtn_on_tiny_model_and_awq_returns_clips():
 
 
 def test_awq_clip_search_never_worse_than_no_clip():
-    from quantize import fake_quantize, awq_search_clip
+    from quantize import awq_search_clip, fake_quantize
     torch.manual_seed(7)
     w = torch.randn(16, 64)
     w[:, 5] *= 8  # an outlier column stretches every group's range
     x = torch.randn(256, 64)
     fmt = QuantFormat(2, 32)
     clip = awq_search_clip(x, w, fmt)
-    err = lambda wq: ((x @ (wq - w).T) ** 2).mean().item()  # noqa: E731
+    err = lambda wq: ((x @ (wq - w).T) ** 2).mean().item()
     assert err(fake_quantize(w, fmt, clip)) <= err(fake_quantize(w, fmt))
     assert (clip < w.abs().view(16, 2, 32).amax(-1)).any()  # it does clip somewhere

@@ -18,14 +18,12 @@ from checkpoint import (
     load_model,
     load_state_dict,
     load_tokenizer_for,
-    model_state_for_saving,
     read_config,
-    resolve_checkpoint,
-    save_checkpoint,
 )
 from eval.data import corpus_documents
 from model import ModelArgs, Transformer
 from quantize import QuantLinear
+from tests.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"n_layer": 2, "n_head": 4, "n_local_heads": 2, "dim": 64, "intermediate_size": 128, "vocab_size": 49152,
@@ -43,15 +41,12 @@ def one_thread():
 def files(tmp_path_factory):
     """A tiny random model carrying the default model's tokenizer, and small training/held-out texts."""
     root = tmp_path_factory.mktemp("qat")
-    src = resolve_checkpoint(None)
-    tok = read_config(src)["tokenizer"]
     torch.manual_seed(0)
     model = Transformer(ModelArgs(**TINY))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 else 0.0))
-    save_checkpoint(root / "tiny", model_state_for_saving(model.state_dict(), model.args),
-                    {"model_args": vars(model.args), "tokenizer": tok}, {tok["file"]: (src / tok["file"]).read_bytes()})
+    save_tiny(model, root / "tiny", tokenizer=True)
     docs = corpus_documents("boolq", "calibration")
     (root / "train.txt").write_text("\n\n".join(docs[:12]))
     (root / "heldout.txt").write_text("\n\n".join(corpus_documents("boolq", "eval")[:3]))
