@@ -315,6 +315,10 @@ void block_avx512(const Weights<ST>& w, const Prep& p, int64_t n, const Out& y) 
       }
     }
     // acc += (lane sums of q * digits of x) * lane scale of x * group scale of W
+    __m512 group_acc[R];
+    for (int r = 0; r < R; ++r) group_acc[r] = _mm512_setzero_ps();
+    const int64_t chunks_per_group = p.G == 1 ? p.chunks : p.g / (chunk_codes<B>());
+    int64_t chunks_left = chunks_per_group;
     auto chunk = [&](const __m512i* d, int64_t c) {
       __m512i v[R][S], t[R];
       for (int r = 0; r < R; ++r) {
@@ -332,11 +336,20 @@ void block_avx512(const Weights<ST>& w, const Prep& p, int64_t n, const Out& y) 
       }
       const __m512 lane_scale = _mm512_load_ps(sx[c].v);
       const int64_t first = p.chunk_group[c];
+      if (one_group_per_chunk) {  // a group holds whole chunks: scale by W's group scale once per group
+        for (int r = 0; r < R; ++r) group_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[r]), lane_scale, group_acc[r]);
+        if (--chunks_left == 0 || c + 1 == p.chunks) {
+          for (int r = 0; r < R; ++r) {
+            acc[r] = _mm512_fmadd_ps(group_acc[r], _mm512_set1_ps(float(s[r * p.G + first])), acc[r]);
+            group_acc[r] = _mm512_setzero_ps();
+          }
+          chunks_left = chunks_per_group;
+        }
+        return;
+      }
       for (int r = 0; r < R; ++r) {
-        const ST* sr = s + r * p.G + first;
-        const __m512 sv = one_group_per_chunk
-            ? _mm512_set1_ps(float(*sr))
-            : _mm512_permutexvar_ps(_mm512_load_si512(p.lane_group[c].v), load16(sr, p.group_mask[c]));
+        const __m512 sv = _mm512_permutexvar_ps(_mm512_load_si512(p.lane_group[c].v),
+                                                load16(s + r * p.G + first, p.group_mask[c]));
         acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(t[r]), lane_scale), sv, acc[r]);
       }
     };
