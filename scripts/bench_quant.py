@@ -10,6 +10,7 @@ the BoolQ calibration split (disjoint). Speed: compiled CPU decode, bf16 activat
 import argparse
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -73,17 +74,28 @@ def scores_of(folder, texts: dict, context: int, cache: Path) -> dict:
     return seen[key]
 
 
-def decode_speed(ckpt, prompt, new_tokens, runs, tok):
-    """Median compiled decode tokens/s over `runs` (after a compiling run), and the model's greedy answer."""
+def decode_speed(ckpt, prompt, new_tokens, runs) -> float:
+    """Median compiled decode tokens/s over `runs` (after a compiling run)."""
     torch._dynamo.reset()
     model = load_model(ckpt, dtype=torch.bfloat16)
     model.setup_caches(1, -(-(prompt.numel() + new_tokens) // 64) * 64, dtype=torch.bfloat16)
     prefill_fn, decode_fn = compile_fns("cpu")
-    speeds = []
-    for _ in range(runs + 1):  # the first run compiles
-        speeds.append(generate(model, prompt, new_tokens, prefill_fn=prefill_fn, decode_fn=decode_fn)[1].decode_tokens_per_s)
-    answer, _ = generate(model, prompt, new_tokens, stop_ids=tok.stop_ids, prefill_fn=prefill_fn, decode_fn=decode_fn)
-    return statistics.median(speeds[1:]), tok.decode([t for t in answer.tolist() if t not in tok.stop_ids])
+    speeds = [generate(model, prompt, new_tokens, prefill_fn=prefill_fn, decode_fn=decode_fn)[1].decode_tokens_per_s
+              for _ in range(runs + 1)]  # the first run compiles
+    return statistics.median(speeds[1:])
+
+
+def greedy_answer(ckpt, prompt, new_tokens, tok) -> str:
+    model = load_model(ckpt, dtype=torch.bfloat16)
+    model.setup_caches(1, prompt.numel() + new_tokens, dtype=torch.bfloat16)
+    answer, _ = generate(model, prompt, new_tokens, stop_ids=tok.stop_ids)
+    return tok.decode([t for t in answer.tolist() if t not in tok.stop_ids])
+
+
+def layout(ckpt) -> str:
+    """The per-layer formats: checkpoints that share them (RTN / GPTQ / AWQ of one format) decode at one speed."""
+    return json.dumps((json.loads((Path(ckpt) / "config.json").read_text()).get("quantization") or {}).get("recipe"),
+                      sort_keys=True)
 
 
 def bits_per_weight(ckpt) -> float:
@@ -134,8 +146,11 @@ def main():
     print(f"model {ckpt} | perplexity: context {a.context}, tokens scored: "
           + ", ".join(f"{n} {(t.numel() // a.context) * (a.context - 1)}" for n, t in texts.items())
           + f" | calibration: {a.calib_samples} x {a.calib_seqlen} BoolQ tokens | decode: compiled, bf16, "
-          f"{a.threads} thread(s), median of {a.runs} | output head quantized: {not a.no_quantize_output}")
-    answers = {}
+          f"{a.threads} thread(s), {a.new_tokens} tokens, median of {a.runs}, measured once per layout (RTN, GPTQ and AWQ "
+          f"of one format run the same kernels) | output head quantized: {not a.no_quantize_output} | "
+          f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, load average at start "
+          f"{os.getloadavg()[0]:.1f}")
+    answers, speeds = {}, {}
     print("\n| config | bits/weight (linears) | size MB | ppl BoolQ | ppl LAMBADA | decode tok/s | quantize s |")
     print("|---|---|---|---|---|---|---|")
     for config in a.configs.split(","):
@@ -146,8 +161,10 @@ def main():
         speed = ""
         if not a.no_speed:
             torch.set_num_threads(a.threads)
-            tok_s, answers[config] = decode_speed(q, prompt, a.new_tokens, a.runs, tok)
-            speed = f"{tok_s:.1f}"
+            if layout(q) not in speeds:
+                speeds[layout(q)] = decode_speed(q, prompt, a.new_tokens, a.runs)
+            speed = f"{speeds[layout(q)]:.1f}"
+            answers[config] = greedy_answer(q, prompt, a.new_tokens, tok)
         print(f"| {config} | {bits_per_weight(q):.2f} | {size:.1f} | {ppl['boolq']:.3f} | {ppl['lambada']:.3f} | "
               f"{speed} | {qtime:.0f} |", flush=True)
     if answers:
