@@ -5,7 +5,8 @@ then write a hybrid recipe that meets a bits-per-weight budget with the least pr
     python quantize.py --mode hybrid --recipe recipe.json --out checkpoints/smollm2-hybrid
 
 Protocol: the model stays float except the one layer under test; every measurement scores the same tokens
-(eval/perplexity.py's windows over the BoolQ evaluation split, or --text_file). Blocks before the layer under test
+(eval/perplexity.py's windows over the BoolQ calibration split, or --text_file: choosing layers on the text that
+benchmarks then score would flatter the recipe). Blocks before the layer under test
 are unchanged, so their output is computed once and reused. The predicted loss of a recipe is the sum of the
 NLL increases of the layers it puts at --low (layers interact, so it is a ranking, not an exact forecast).
 
@@ -127,7 +128,7 @@ def main(argv=None):
     p.add_argument("--low", default="int2-g64-asym", help="the low-bit format each layer is tested at")
     p.add_argument("--high", default="int4-g128-asym", help="the format of layers the recipe keeps out of --low")
     p.add_argument("--budget", type=float, default=3.0, help="average bits per weight of the blocks' linears")
-    p.add_argument("--text_file", help="score this .txt/.jsonl instead of the BoolQ evaluation split")
+    p.add_argument("--text_file", help="score this .txt/.jsonl instead of the BoolQ calibration split")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--max_tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=None)
@@ -146,7 +147,7 @@ def main(argv=None):
     names = [n for n in linear_names(model) if n.startswith("layers.")]
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
     check_budget(shapes, low, high, a.budget)  # before the long part
-    text = load_text_file(a.text_file) if a.text_file else corpus_text("boolq", "eval")
+    text = load_text_file(a.text_file) if a.text_file else corpus_text("boolq", "calibration")
     tok = load_tokenizer_for(ckpt)
     ids = torch.tensor(tok.encode(text, bos=tok.add_bos, allow_special=False))[:a.max_tokens]
     n_windows = ids.numel() // a.context
