@@ -43,28 +43,32 @@ def build(ckpt, config: str, calib, out_dir: Path, quantize_output: bool):
     if config == "float":
         return ckpt, 0.0
     out = out_dir / config.replace(":", "_").replace("/", "_")
+    hybrid = config.startswith("recipe:")
+    method = "rtn" if hybrid else config.partition(":")[2] or "rtn"
+    calibration = f"{calib.shape[0]} x {calib.shape[1]} BoolQ tokens" if method != "rtn" else None
     if (out / "config.json").is_file():
-        return out, json.loads((out / "config.json").read_text())["quantization"]["seconds"]
+        kept = json.loads((out / "config.json").read_text())["quantization"]
+        if kept.get("calibration") == calibration:
+            return out, kept["seconds"]
     t0 = time.perf_counter()
     model = load_model(ckpt)
-    if config.startswith("recipe:"):
-        recipe, method = json.loads(Path(config[7:]).read_text()), "rtn"
+    if hybrid:
+        recipe = json.loads(Path(config[7:]).read_text())
     else:
-        fmt_text, _, method = config.partition(":")
-        fmt = QuantFormat.parse(fmt_text)
-        recipe = {"default": fmt.name}
-        if quantize_output:  # int8: at 4 bits the tied head/embedding alone costs more perplexity than the body
-            recipe["layers"] = {"output": "int8"}
+        recipe = {"default": QuantFormat.parse(config.partition(":")[0]).name}
+    if quantize_output:  # int8: at 4 bits the tied head/embedding alone costs more perplexity than the body
+        recipe["layers"] = {"output": "int8", **recipe.get("layers", {})}
     plan = resolve_recipe(recipe, linear_names(model))
-    quantize_model(model, plan, method or "rtn", calib if method not in ("", "rtn") else None, log=lambda s: None)
+    quantize_model(model, plan, method, calib if calibration else None, log=lambda s: None)
     seconds = round(time.perf_counter() - t0, 1)
-    return save_quantized(model, plan, ckpt, out, {"method": method or "rtn", "seconds": seconds}), seconds
+    return save_quantized(model, plan, ckpt, out, {"method": method, "seconds": seconds, "calibration": calibration}), seconds
 
 
 def scores_of(folder, texts: dict, context: int, cache: Path) -> dict:
     """Perplexity per text, remembered in `cache` (JSON) so a rerun does not score a kept checkpoint again."""
     seen = json.loads(cache.read_text()) if cache.is_file() else {}
-    key = f"{Path(folder).resolve()}|{context}|" + ",".join(f"{n}:{t.numel()}" for n, t in texts.items())
+    weights = Path(folder) / "model.safetensors"  # its time: a checkpoint quantized again is scored again
+    key = f"{weights.resolve()}@{weights.stat().st_mtime_ns}|{context}|" + ",".join(f"{n}:{t.numel()}" for n, t in texts.items())
     if key not in seen:
         model = load_model(folder)
         seen[key] = {n: perplexity(model, t, context)["ppl"] for n, t in texts.items()}
