@@ -148,6 +148,7 @@ def section_decode(a, ckpt, tokenizer, bw, dtypes):
 
 # ---------------------------------------------------------------- methods: plain / prompt lookup / draft
 
+@torch.no_grad()
 def section_methods(a, ckpt, tokenizer, bw, dtype, results):
     grounded = [chat_ids(tokenizer, p) for p in grounded_prompts(a.grounded)]
     open_ended = [chat_ids(tokenizer, p) for p in OPEN_ENDED[:a.open]]
@@ -285,6 +286,7 @@ def hf_generate(model, ids, new_tokens, **extra):
     return new, (len(new) - 1) / (streamer.times[-1] - streamer.times[1]), ttft
 
 
+@torch.no_grad()
 def section_hf(a, ckpt, tokenizer, dtype):
     from transformers import AutoModelForCausalLM
     gguf = default_gguf_path()
