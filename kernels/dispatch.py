@@ -33,7 +33,7 @@ def quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, k: int) 
         z = zeros if zeros is not None else torch.full_like(scales, 2 ** (bits - 1))
         y = quant_matmul(x.reshape(rows, k), qweight, scales, z, bits, g)
         return y.view(*x.shape[:-1], -1)
-    if x.device.type == "cpu" and rows <= GEMV_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
-        if _cpu_kernels_ready():
-            return quant_gemv(x, qweight, scales, zeros, bits, group_size)
+    if (x.device.type == "cpu" and rows <= GEMV_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16)
+            and _cpu_kernels_ready()):
+        return quant_gemv(x, qweight, scales, zeros, bits, group_size)
     return F.linear(x, dequantize_weight(qweight, scales, zeros, bits, group_size, k).to(x.dtype))

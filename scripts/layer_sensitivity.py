@@ -24,14 +24,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from checkpoint import load_model, load_tokenizer_for, quant_plan, read_config, resolve_checkpoint  # noqa: E402
-from cli import run  # noqa: E402
-from eval.data import corpus_text, load_text_file  # noqa: E402
-from model import precompute_freqs_cis  # noqa: E402
-from quantize import QuantFormat, fake_quantize, linear_names  # noqa: E402
+from checkpoint import (
+    load_model,
+    load_tokenizer_for,
+    quant_plan,
+    read_config,
+    resolve_checkpoint,
+)
+from cli import run
+from eval.data import corpus_text, load_text_file
+from model import precompute_freqs_cis
+from quantize import QuantFormat, fake_quantize, linear_names
 
 
 @torch.inference_mode()
