@@ -22,42 +22,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
+from bench_quant import build, scores_of
 
 import train_qat
-from checkpoint import (
-    load_model,
-    load_tokenizer_for,
-    resolve_checkpoint,
-    save_quantized,
-)
+from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint
 from cli import run
 from eval.data import calibration_batches, corpus_text
-from eval.perplexity import perplexity
-from quantize import QuantFormat, linear_names, quantize_model, resolve_recipe
-
-
-def ptq_checkpoint(ckpt, fmt: QuantFormat, method: str, calib, work: Path) -> tuple:
-    """(folder, seconds): the float model quantized by `method` (the head stays float, as in BitDistiller)."""
-    out = work / f"{fmt.name}-{method}"
-    if (out / "config.json").is_file():
-        return out, json.loads((out / "config.json").read_text())["quantization"]["seconds"]
-    t0 = time.perf_counter()
-    model = load_model(ckpt)
-    plan = resolve_recipe({"default": fmt.name}, linear_names(model))
-    quantize_model(model, plan, method, calib if method != "rtn" else None, log=lambda s: None)
-    seconds = round(time.perf_counter() - t0, 1)
-    save_quantized(model, plan, ckpt, out, {"method": method, "seconds": seconds})
-    return out, seconds
+from quantize import QuantFormat
 
 
 def ppl_of(folder, tokens, context, cache: Path) -> float:
-    """Perplexity of a checkpoint, remembered in `cache` (a JSON file) so a rerun does not score it again."""
-    seen = json.loads(cache.read_text()) if cache.is_file() else {}
-    key = f"{folder}|{tokens.numel()}|{context}"
-    if key not in seen:
-        seen[key] = perplexity(load_model(folder), tokens, context)["ppl"]
-        cache.write_text(json.dumps(seen, indent=1))
-    return seen[key]
+    """Perplexity of a checkpoint on BoolQ tokens, remembered in `cache` so a rerun does not score it again."""
+    return scores_of(folder, {"boolq": tokens}, context, cache)["boolq"]
 
 
 def qat_args(a, ckpt, init, run_dir, data, loss, steps, eval_every):
@@ -139,7 +115,7 @@ def main():
     rows = [("float (teacher)", "-", float_ppl)]
     ptq = {}
     for method in ("rtn", "gptq", "awq"):
-        folder, seconds = ptq_checkpoint(ckpt, fmt, method, calib, work)
+        folder, seconds = build(ckpt, f"{fmt.name}:{method}", calib, work, quantize_output=False)  # head float
         ptq[method] = (folder, ppl_of(folder, tokens, a.context, scores))
         cost = f"{seconds:.0f} s" + (f" ({a.calib_samples} x 512 calibration tokens)" if method != "rtn" else "")
         rows.append((f"PTQ {method.upper()}" + ("+clip" if method == "awq" else ""), cost, ptq[method][1]))

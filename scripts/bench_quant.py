@@ -165,9 +165,10 @@ def main():
         speed = ""
         if not a.no_speed:
             torch.set_num_threads(a.threads)
-            if layout(q) not in speeds:
-                speeds[layout(q)] = decode_speed(q, prompt, a.new_tokens, a.runs)
-            speed = f"{speeds[layout(q)]:.1f}"
+            formats = layout(q)
+            if formats not in speeds:
+                speeds[formats] = decode_speed(q, prompt, a.new_tokens, a.runs)
+            speed = f"{speeds[formats]:.1f}"
             answers[config] = greedy_answer(q, prompt, a.new_tokens, tok)
         print(f"| {config} | {bits_per_weight(q):.2f} | {size:.1f} | {ppl['boolq']:.3f} | {ppl['lambada']:.3f} | "
               f"{speed} | {qtime:.0f} |", flush=True)
