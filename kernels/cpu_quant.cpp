@@ -38,6 +38,7 @@ struct Prep {
   int64_t K, G, g;          // codes per row, groups per row, group size
   int64_t M, row_bytes;     // rows of x, packed bytes per row of W
   std::vector<float> X;     // [M, G] per-group sums of x (as the kernel sees x)
+  std::vector<float> x32;   // bf16 x as fp32 (converted here: an at::to per call costs more than small products)
   std::vector<float> xs;    // plain path: [M, codes per word, K / codes per word] x de-interleaved by slot;
                             // AVX-512 path: scratch
   // AVX-512 path
@@ -455,7 +456,7 @@ at::Tensor quant_gemv(const at::Tensor& x_in, const at::Tensor& qweight, const a
                 "quant_gemv: zeros must be float32 or bfloat16, got ", zeros->scalar_type());
   }
 
-  const at::Tensor xf = x.contiguous().to(at::kFloat);  // bf16 x: converted once
+  const at::Tensor xc = x.contiguous();
   const at::Tensor qw = qweight.contiguous(), sc = scales.contiguous();
   const at::Tensor zc = asym ? zeros->contiguous() : at::Tensor();
   const float* zf = asym && zc.scalar_type() == at::kFloat ? zc.data_ptr<float>() : nullptr;
@@ -470,10 +471,19 @@ at::Tensor quant_gemv(const at::Tensor& x_in, const at::Tensor& qweight, const a
   thread_local Prep p;  // keeps its buffers from call to call
   p.K = K, p.G = G, p.g = g, p.M = M, p.row_bytes = K * bits / 8;
   p.X.resize(M * G);
-  if (sc.scalar_type() == at::kFloat) {
-    run(p, xf.data_ptr<float>(), bf16_x, bits, Weights<float>{q, sc.data_ptr<float>(), zf, zb, z0}, N, out);
+  const float* xf = nullptr;
+  if (bf16_x) {
+    p.x32.resize(M * K);
+    const bf16* xb = xc.data_ptr<bf16>();
+    for (int64_t i = 0; i < M * K; ++i) p.x32[i] = float(xb[i]);
+    xf = p.x32.data();
   } else {
-    run(p, xf.data_ptr<float>(), bf16_x, bits, Weights<bf16>{q, sc.data_ptr<bf16>(), zf, zb, z0}, N, out);
+    xf = xc.data_ptr<float>();
+  }
+  if (sc.scalar_type() == at::kFloat) {
+    run(p, xf, bf16_x, bits, Weights<float>{q, sc.data_ptr<float>(), zf, zb, z0}, N, out);
+  } else {
+    run(p, xf, bf16_x, bits, Weights<bf16>{q, sc.data_ptr<bf16>(), zf, zb, z0}, N, out);
   }
   return y;
 }

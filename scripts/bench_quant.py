@@ -3,7 +3,7 @@
     python scripts/bench_quant.py                                  # every config, default model
     python scripts/bench_quant.py --configs float,int4-g128-asym:gptq --max_tokens 50000 --no_speed
 
-A config is FORMAT[:METHOD] (METHOD rtn|gptq|awq|awq+gptq, default rtn) or `float`, or `recipe:PATH` (a hybrid JSON).
+A config is FORMAT[:METHOD] (METHOD rtn|gptq|awq|awq+gptq, default rtn) or `float`, or `recipe:PATH[:METHOD]` (a hybrid JSON).
 Perplexity: eval/perplexity.py's protocol on the BoolQ and LAMBADA evaluation splits; calibration draws from
 the BoolQ calibration split (disjoint). Speed: compiled CPU decode, bf16 activations, median of runs.
 """
@@ -44,7 +44,8 @@ def build(ckpt, config: str, calib, out_dir: Path, quantize_output: bool):
         return ckpt, 0.0
     out = out_dir / config.replace(":", "_").replace("/", "_")
     hybrid = config.startswith("recipe:")
-    method = "rtn" if hybrid else config.partition(":")[2] or "rtn"
+    spec, _, method = config.removeprefix("recipe:").partition(":")
+    method = method or "rtn"
     calibration = f"{calib.shape[0]} x {calib.shape[1]} BoolQ tokens" if method != "rtn" else None
     if (out / "config.json").is_file():
         kept = json.loads((out / "config.json").read_text())["quantization"]
@@ -53,9 +54,9 @@ def build(ckpt, config: str, calib, out_dir: Path, quantize_output: bool):
     t0 = time.perf_counter()
     model = load_model(ckpt)
     if hybrid:
-        recipe = json.loads(Path(config[7:]).read_text())
+        recipe = json.loads(Path(spec).read_text())
     else:
-        recipe = {"default": QuantFormat.parse(config.partition(":")[0]).name}
+        recipe = {"default": QuantFormat.parse(spec).name}
     if quantize_output:  # int8: at 4 bits the tied head/embedding alone costs more perplexity than the body
         recipe["layers"] = {"output": "int8", **recipe.get("layers", {})}
     plan = resolve_recipe(recipe, linear_names(model))
