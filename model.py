@@ -11,6 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import cpu as cpu_kernels
+from kernels.dispatch import dense_gemv_fits, few_query_attention_fits
+
 
 @dataclass
 class ModelArgs:
@@ -89,12 +92,16 @@ def few_tokens_on_compiled_cpu(x: torch.Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias, with a faster compiled CPU path for a few tokens."""
+    """nn.Linear without bias, with faster CPU paths for a few tokens (decode, speculative verify)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
+        if dense_gemv_fits(x, self.weight):
+            # C++ (kernels/cpu_dense.cpp) for 3-8 tokens (speculative verify): stays near the memory bound where the
+            # loop below turns compute-bound.
+            return cpu_kernels.dense_gemv(x, self.weight)
         if few_tokens_on_compiled_cpu(x):
             # One multiply-and-sum per token: Inductor fuses them into one vectorized loop that reads each weight
             # row once for all tokens, about twice as fast as its matrix-multiply call at batch 1 (and far
@@ -211,7 +218,10 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        if few_tokens_on_compiled_cpu(x):
+        if few_query_attention_fits(q, k, input_pos):
+            # C++ (kernels/cpu_attention.cpp): reads only the visible cache positions; the causal mask is implied
+            y = cpu_kernels.few_query_attention(q, k, v, input_pos)
+        elif few_tokens_on_compiled_cpu(x):  # the C++ kernels could not be built
             y = few_query_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)

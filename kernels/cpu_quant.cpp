@@ -422,7 +422,7 @@ void run(Prep& p, const float* x, bool bf16_x, int64_t bits, const Weights<ST>& 
 
 }  // namespace
 
-// x [..., K] -> [..., N]; the schema is defined in kernels/cpu_quant.py.
+// x [..., K] -> [..., N]; the schema is defined in kernels/cpu.py.
 at::Tensor quant_gemv(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
                       const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "quant_gemv: bits must be 2, 3, 4 or 8, got ", bits);

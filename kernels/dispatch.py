@@ -1,14 +1,19 @@
-"""One function picks the kernel for a quantized matmul by format x device x batch.
+"""One function picks the kernel for a quantized matmul by format x device x batch; two say when a float Linear
+and the attention of a few query tokens take the C++ CPU kernels.
 
 Weights arrive as QuantLinear stores them: `qweight` packed codes (uint8; int8 for 8-bit, already
 offset to signed), `scales`/`zeros` per group ([N, G]; zeros None = symmetric, 2^(bits-1))."""
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_quant import cpu_kernels_available, quant_gemv
+from kernels.cpu import DENSE_MAX_ROWS, cpu_kernels_available, quant_gemv
 from kernels.packing import dequantize
 
 GEMV_MAX_ROWS = 8  # up to this many rows of x (decode, small batches) the GEMV kernels win; beyond, GEMM
+# A float Linear takes the C++ dense kernel from 3 rows (speculative verify): at 1-2 rows Inductor's fused loop in
+# model.Linear is as fast and saves the extern calls (compiled bf16 decode, 1 thread: 1 row 9% slower on the kernel,
+# 4 rows 10% and 8 rows 22% faster; scratch A/B on the default model).
+DENSE_MIN_ROWS = 3
 
 
 @torch.compiler.assume_constant_result
@@ -16,6 +21,22 @@ def _cpu_kernels_ready() -> bool:
     """Whether the C++ kernels are built (building them on the first ask). Under torch.compile it runs once, at
     trace time, and the graph keeps the answer: a graph compiled before any eager call still gets the kernels."""
     return cpu_kernels_available()
+
+
+def dense_gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x @ w.T should run on kernels.cpu.dense_gemv: verify-sized CPU input, fp32 or bf16 x and w alike,
+    no gradient wanted."""
+    return (x.device.type == "cpu" and DENSE_MIN_ROWS <= x.shape[:-1].numel() <= DENSE_MAX_ROWS
+            and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and w.requires_grad)
+            and _cpu_kernels_ready())
+
+
+def few_query_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, input_pos) -> bool:
+    """Whether kernels.cpu.few_query_attention can serve q [B, H, S, D] against the cache: decode-sized CPU
+    queries at cache positions, q and cache of one dtype (fp32 or bf16), no gradient wanted."""
+    return (input_pos is not None and q.device.type == "cpu" and q.shape[0] * q.shape[2] <= DENSE_MAX_ROWS
+            and q.dtype == k_cache.dtype and q.dtype in (torch.float32, torch.bfloat16)
+            and not (torch.is_grad_enabled() and q.requires_grad) and _cpu_kernels_ready())
 
 
 def dequantize_weight(qweight, scales, zeros, bits: int, group_size: int, k: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""kernels/cpu_quant.py: the CPU quantized matrix-vector kernels against float64 math on random codes.
+"""kernels/cpu.py: the CPU kernels (quantized and dense matrix-vector, few-query attention) against float64 math.
 
 The first test builds the C++ extension (about a minute, then cached); without a working compiler the tests skip
 with the build error as the reason.
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels.cpu_quant import cpu_kernels_available, cpu_kernels_error, quant_gemv  # noqa: E402
+from kernels.cpu import (  # noqa: E402
+    cpu_kernels_available, cpu_kernels_error, dense_gemv, few_query_attention, quant_gemv)
 from kernels.packing import pack  # noqa: E402
 
 
@@ -127,3 +128,77 @@ def test_compiled_quant_linear_calls_the_kernel():
         y = torch.compile(m, fullgraph=True)(x)
     assert "bitfast::quant_gemv" in {e.name for e in prof.events()}
     check(x.view(1, -1), w_ref, y.view(1, -1))
+
+
+# dense_gemv: the float Linear's kernel for speculative verify (3-8 rows)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("n,k", [(40, 576), (7, 100), (3, 17)])  # K not a multiple of the 16/32-wide vectors too
+def test_dense_gemv_matches_float64_and_is_row_independent(dtype, m, n, k):
+    gen = torch.Generator().manual_seed(n * k + m)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    y = dense_gemv(x, w)
+    check(x, w.double(), y)
+    for i in range(m):  # a row's result does not depend on the rows beside it (verify scores as decode would)
+        assert torch.equal(dense_gemv(x[i:i + 1], w), y[i:i + 1])
+
+
+def test_dense_gemv_rejects_bad_inputs():
+    w, x = torch.randn(8, 64), torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        dense_gemv(torch.randn(9, 64), w)
+    with pytest.raises(RuntimeError, match="w must have x's dtype"):
+        dense_gemv(x, w.bfloat16())
+    with pytest.raises(RuntimeError, match=r"w must be \[N, 64\]"):
+        dense_gemv(x, w[:, :32])
+
+
+# few_query_attention: decode / verify attention against the static KV cache
+
+def sdpa_float64(q, k_cache, v_cache, pos):
+    b, _, s, _ = q.shape
+    mask = torch.tril(torch.ones(k_cache.shape[2], k_cache.shape[2], dtype=torch.bool))[pos.expand(b, s)]
+    return torch.nn.functional.scaled_dot_product_attention(q.double(), k_cache.double(), v_cache.double(),
+                                                            attn_mask=mask.unsqueeze(1), enable_gqa=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,h,kvh,s,t,d", [(1, 9, 3, 1, 100, 64), (1, 9, 3, 4, 100, 64), (2, 4, 2, 3, 37, 20),
+                                            (1, 8, 8, 2, 50, 128)])
+def test_few_query_attention_matches_float64(dtype, b, h, kvh, s, t, d):
+    gen = torch.Generator().manual_seed(h * t + s)
+    q = torch.randn(b, s, h, d, generator=gen).to(dtype).transpose(1, 2)  # the model's strided layout
+    k_cache, v_cache = (torch.randn(b, kvh, t, d, generator=gen).to(dtype) for _ in range(2))
+    pos = torch.randint(0, t - s, (b, 1), generator=gen) + torch.arange(s)  # per-row positions, as batched decode
+    y = few_query_attention(q, k_cache, v_cache, pos)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.double(), sdpa_float64(q, k_cache, v_cache, pos), rtol=tol, atol=tol)
+    for i in range(s):  # a query's result does not depend on the other queries in the call
+        assert torch.equal(few_query_attention(q[:, :, i:i + 1], k_cache, v_cache, pos[:, i:i + 1]), y[:, :, i:i + 1])
+    if b == 1:  # shared positions [S] read like [1, S]
+        assert torch.equal(few_query_attention(q, k_cache, v_cache, pos[0]), y)
+
+
+def test_few_query_attention_ignores_cache_beyond_position():
+    """Positions past a query's own are never read: garbage (even NaN) there changes nothing."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 2, 16, generator=gen)
+    k_cache, v_cache = torch.randn(1, 2, 40, 16, generator=gen), torch.randn(1, 2, 40, 16, generator=gen)
+    pos = torch.tensor([20, 21])
+    y = few_query_attention(q, k_cache, v_cache, pos)
+    k_cache[:, :, 22:], v_cache[:, :, 22:] = float("nan"), float("nan")
+    assert torch.equal(few_query_attention(q, k_cache, v_cache, pos), y)
+
+
+def test_few_query_attention_rejects_bad_inputs():
+    q, kc = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 10, 16)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        few_query_attention(q, kc, kc, torch.tensor([10]))
+    with pytest.raises(RuntimeError, match="must share a dtype"):
+        few_query_attention(q.bfloat16(), kc, kc, torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="input_pos must be int64"):
+        few_query_attention(q, kc, kc, torch.tensor([3], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="do not fit q"):
+        few_query_attention(torch.randn(1, 3, 1, 16), kc, kc, torch.tensor([3]))

@@ -60,6 +60,25 @@ def test_kv_cache_decode_reproduces_full_forward(over):
     torch.testing.assert_close(torch.cat(step, 1), full, rtol=1e-5, atol=1e-5 * full.abs().max().item())
 
 
+def test_verify_sized_steps_on_the_cpu_kernels_reproduce_full_forward():
+    """3-8 token steps on the KV cache (speculative verify) run the C++ dense and attention kernels; they must give
+    the plain full forward's logits."""
+    from kernels.cpu import cpu_kernels_available, cpu_kernels_error
+    if not cpu_kernels_available():
+        pytest.skip(f"CPU kernels unavailable: {cpu_kernels_error()}")
+    model = tiny_model()
+    tokens = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_caches(1, 32)
+        steps = [model(tokens[:, :10], torch.arange(10))]
+        with torch.profiler.profile() as prof:
+            for a, b in [(10, 14), (14, 17), (17, 20)]:
+                steps.append(model(tokens[:, a:b], torch.arange(a, b)))
+    assert {"bitfast::dense_gemv", "bitfast::few_query_attention"} <= {e.name for e in prof.events()}
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5 * full.abs().max().item())
+
+
 def test_tied_head_shares_embedding():
     model = tiny_model(tie_embeddings=True)
     assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()

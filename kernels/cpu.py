@@ -1,14 +1,20 @@
-"""Batch-1 CPU matrix-vector kernels for weight-only quantized linear layers (kernels/cpu_quant.cpp).
+"""Few-row CPU matrix-vector kernels (C++): what decode and speculative verify steps run on a CPU.
 
-`quant_gemv(x, qweight, scales, zeros, bits, group_size)` computes x @ W.T for W = (q - z) * s stored as QuantLinear
-stores it, without dequantizing W. It is the op `torch.ops.bitfast.quant_gemv`, so torch.compile(fullgraph=True)
-keeps it as one opaque call in a compiled decode graph.
+- `quant_gemv(x, qweight, scales, zeros, bits, group_size)` (kernels/cpu_quant.cpp) computes x @ W.T for
+  W = (q - z) * s stored as QuantLinear stores it, without dequantizing W.
+- `dense_gemv(x, w)` (kernels/cpu_dense.cpp) computes x @ w.T for fp32 or bf16 w, up to 8 rows of x, each row summed
+  in the same order whatever the number of rows.
+- `few_query_attention(q, k_cache, v_cache, input_pos)` (kernels/cpu_attention.cpp): causal attention of a few query
+  tokens against the static KV cache, reading only the positions the queries can see.
+
+They are ops in `torch.ops.bitfast`, so torch.compile(fullgraph=True) keeps each as one
+opaque call in a compiled decode graph.
 
 The C++ extension is compiled on first use (about a minute, -march=native; cached in the torch extensions
 directory), never at import. If it cannot be built, `cpu_kernels_available()` is False and `cpu_kernels_error()`
 says why; callers then take their slow path.
 
-Timing table: `python -m kernels.cpu_quant` (one thread; weights rotated through 20 copies so they come from
+Timing table: `python -m kernels.cpu` (one thread; weights rotated through 20 copies so they come from
 memory, not cache).
 """
 import logging
@@ -18,7 +24,7 @@ from typing import Optional
 
 import torch
 
-_SOURCE = Path(__file__).with_name("cpu_quant.cpp")
+_SOURCES = [str(Path(__file__).with_name(f)) for f in ("cpu_quant.cpp", "cpu_dense.cpp", "cpu_attention.cpp")]
 _lock = threading.Lock()
 _built = False
 _error: Optional[str] = None
@@ -28,7 +34,12 @@ _error: Optional[str] = None
 # C++ (a Python kernel, as torch.library.custom_op makes, costs ~20 us per eager call, more than the product).
 torch.library.define("bitfast::quant_gemv",
                      "(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size) -> Tensor")
+torch.library.define("bitfast::dense_gemv", "(Tensor x, Tensor w) -> Tensor")
+torch.library.define("bitfast::few_query_attention", "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos) -> Tensor")
 _op = torch.ops.bitfast.quant_gemv.default
+_dense_op = torch.ops.bitfast.dense_gemv.default
+_attention_op = torch.ops.bitfast.few_query_attention.default
+DENSE_MAX_ROWS = 8
 
 
 @torch.library.register_fake("bitfast::quant_gemv")
@@ -39,10 +50,36 @@ def _(x, qweight, scales, zeros, bits, group_size):
 @torch.library.impl("bitfast::quant_gemv", "CompositeExplicitAutograd")
 def _build_then_call(x, qweight, scales, zeros, bits, group_size):
     """Reached only while no CPU kernel is registered: builds it, after which the dispatcher picks it."""
-    if not cpu_kernels_available() or x.device.type != "cpu":
-        raise RuntimeError(f"bitfast::quant_gemv needs CPU tensors and the built CPU kernels "
-                           f"(device {x.device}; build error: {_error})")
+    _build_for("quant_gemv", x)
     return _op(x, qweight, scales, zeros, bits, group_size)
+
+
+@torch.library.register_fake("bitfast::dense_gemv")
+def _(x, w):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+@torch.library.impl("bitfast::dense_gemv", "CompositeExplicitAutograd")
+def _build_then_call_dense(x, w):
+    _build_for("dense_gemv", x)
+    return _dense_op(x, w)
+
+
+@torch.library.register_fake("bitfast::few_query_attention")
+def _(q, k_cache, v_cache, input_pos):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.impl("bitfast::few_query_attention", "CompositeExplicitAutograd")
+def _build_then_call_attention(q, k_cache, v_cache, input_pos):
+    _build_for("few_query_attention", q)
+    return _attention_op(q, k_cache, v_cache, input_pos)
+
+
+def _build_for(op: str, x: torch.Tensor):
+    if not cpu_kernels_available() or x.device.type != "cpu":
+        raise RuntimeError(f"bitfast::{op} needs CPU tensors and the built CPU kernels "
+                           f"(device {x.device}; build error: {_error})")
 
 
 def cpu_kernels_available() -> bool:
@@ -55,7 +92,7 @@ def cpu_kernels_available() -> bool:
             level = log.level
             log.setLevel(logging.ERROR)
             try:
-                load(name="bitfast_cpu_quant", sources=[str(_SOURCE)], is_python_module=False,
+                load(name="bitfast_cpu", sources=_SOURCES, is_python_module=False,
                      extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
                 _built = True
             except Exception as e:  # no compiler, no headers, unsupported flags: the caller falls back
@@ -79,6 +116,23 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     group_size: a multiple of 8 (the last group of a row may be shorter), 0 for one group per row.
     """
     return _op(x, qweight, scales, zeros, bits, group_size)
+
+
+def dense_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w.T -> [..., N] for w [N, K] of x's dtype (fp32 or bf16), at most DENSE_MAX_ROWS rows of x.
+
+    Each output is summed in an order that does not depend on the number of rows: a token scored in a k-token
+    verify gets exactly the logits a 1-token decode step gives it. No autograd (inference only)."""
+    return _dense_op(x, w)
+
+
+def few_query_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        input_pos: torch.Tensor) -> torch.Tensor:
+    """Causal attention for q [B, H, S, D] against caches [B, KVH, T, D] (GQA: H a multiple of KVH), query (b, s)
+    seeing cache positions 0..input_pos[b, s] (input_pos [S] or [B, S], int64). fp32 math; q and the caches share
+    a dtype (fp32 or bf16), which the result [B, H, S, D] has. A query's result does not depend on the other
+    queries in the call. No autograd (inference only)."""
+    return _attention_op(q, k_cache, v_cache, input_pos)
 
 
 def _benchmark():
