@@ -86,7 +86,8 @@ def load_model(ckpt_dir, device="cpu", dtype=torch.float32) -> Transformer:
     if args.tie_embeddings and "output.weight" in expected:
         state.setdefault("output.weight", state.get("tok_embeddings.weight"))
     check_state(state, expected, ckpt_dir)
-    state = {k: _own_copy(v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)) for k, v in state.items()}
+    state = {k: _own_copy(v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype))
+             for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     if args.tie_embeddings and isinstance(model.output, Linear):
         model.output.weight = model.tok_embeddings.weight

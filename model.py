@@ -108,7 +108,7 @@ class Linear(nn.Linear):
             # faster than it at 2-8 rows on CPUs where MKL takes a slow path).
             # x is stored once first: left to itself Inductor inlines x's producer (RMSNorm, SiLU * gate) into
             # this loop and recomputes it for every weight row, which made a 4-token verify cost 2.6 decode steps.
-            import torch._inductor.inductor_prims  # registers the prim (already imported when compiling)
+            import torch._inductor.inductor_prims  # noqa: F401 (registers the prim; imported already when compiling)
             w, rows = self.weight.float(), x.float().reshape(-1, x.shape[-1])
             rows = torch.ops.prims.inductor_force_stride_order(rows, rows.stride())
             y = torch.stack([(w * rows[i]).sum(-1) for i in range(rows.shape[0])])

@@ -7,8 +7,8 @@
 - `few_query_attention(q, k_cache, v_cache, input_pos)` (kernels/cpu_attention.cpp): causal attention of a few query
   tokens against the static KV cache, reading only the positions the queries can see.
 
-They are ops in `torch.ops.bitfast`, so torch.compile(fullgraph=True) keeps each as one
-opaque call in a compiled decode graph.
+They are ops in `torch.ops.bitfast`, so torch.compile(fullgraph=True) keeps each as one opaque call in a compiled
+decode graph.
 
 The C++ extension is compiled on first use (about a minute, -march=native; cached in the torch extensions
 directory), never at import. If it cannot be built, `cpu_kernels_available()` is False and `cpu_kernels_error()`
@@ -35,7 +35,8 @@ _error: Optional[str] = None
 torch.library.define("bitfast::quant_gemv",
                      "(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size) -> Tensor")
 torch.library.define("bitfast::dense_gemv", "(Tensor x, Tensor w) -> Tensor")
-torch.library.define("bitfast::few_query_attention", "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos) -> Tensor")
+torch.library.define("bitfast::few_query_attention",
+                     "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos) -> Tensor")
 _op = torch.ops.bitfast.quant_gemv.default
 _dense_op = torch.ops.bitfast.dense_gemv.default
 _attention_op = torch.ops.bitfast.few_query_attention.default
@@ -121,8 +122,8 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
 def dense_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ w.T -> [..., N] for w [N, K] of x's dtype (fp32 or bf16), at most DENSE_MAX_ROWS rows of x.
 
-    Each output is summed in an order that does not depend on the number of rows: a token scored in a k-token
-    verify gets exactly the logits a 1-token decode step gives it. No autograd (inference only)."""
+    Each output is summed in an order that does not depend on the number of rows: a row's result is the same
+    whichever rows share the call. No autograd (inference only)."""
     return _dense_op(x, w)
 
 

@@ -11,8 +11,8 @@ from kernels.packing import dequantize
 
 GEMV_MAX_ROWS = 8  # up to this many rows of x (decode, small batches) the GEMV kernels win; beyond, GEMM
 # A float Linear takes the C++ dense kernel from 3 rows (speculative verify): at 1-2 rows Inductor's fused loop in
-# model.Linear is as fast and saves the extern calls (compiled bf16 decode, 1 thread: 1 row 9% slower on the kernel,
-# 4 rows 10% and 8 rows 22% faster; scratch A/B on the default model).
+# model.Linear is faster, fusing the norms and saving the extern calls (compiled bf16 decode, 1 thread: 1 row 9-23%
+# slower on the kernel, 4 rows 0-10% and 8 rows 16-22% faster; scratch A/B and bench_generate on the default model).
 DENSE_MIN_ROWS = 3
 
 
@@ -26,17 +26,19 @@ def _cpu_kernels_ready() -> bool:
 def dense_gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether x @ w.T should run on kernels.cpu.dense_gemv: verify-sized CPU input, fp32 or bf16 x and w alike,
     no gradient wanted."""
-    return (x.device.type == "cpu" and DENSE_MIN_ROWS <= x.shape[:-1].numel() <= DENSE_MAX_ROWS
-            and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and w.requires_grad)
-            and _cpu_kernels_ready())
+    return DENSE_MIN_ROWS <= x.shape[:-1].numel() <= DENSE_MAX_ROWS and _cpu_inference(x, w)
 
 
 def few_query_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, input_pos) -> bool:
     """Whether kernels.cpu.few_query_attention can serve q [B, H, S, D] against the cache: decode-sized CPU
     queries at cache positions, q and cache of one dtype (fp32 or bf16), no gradient wanted."""
-    return (input_pos is not None and q.device.type == "cpu" and q.shape[0] * q.shape[2] <= DENSE_MAX_ROWS
-            and q.dtype == k_cache.dtype and q.dtype in (torch.float32, torch.bfloat16)
-            and not (torch.is_grad_enabled() and q.requires_grad) and _cpu_kernels_ready())
+    return input_pos is not None and q.shape[0] * q.shape[2] <= DENSE_MAX_ROWS and _cpu_inference(q, k_cache)
+
+
+def _cpu_inference(x: torch.Tensor, t: torch.Tensor) -> bool:
+    """CPU tensors of one float dtype the C++ kernels take (fp32 or bf16), no gradient wanted, kernels built."""
+    return (x.device.type == "cpu" and x.dtype == t.dtype and x.dtype in (torch.float32, torch.bfloat16)
+            and not (torch.is_grad_enabled() and (x.requires_grad or t.requires_grad)) and _cpu_kernels_ready())
 
 
 def dequantize_weight(qweight, scales, zeros, bits: int, group_size: int, k: int) -> torch.Tensor:
