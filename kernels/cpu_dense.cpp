@@ -3,7 +3,8 @@
 // What a speculative verify (M = k + 1 tokens) spends its time in; model.Linear sends it 3-8 rows (kernels/dispatch.py
 // says why not 1-2). One row of W at a time, all rows of x against it: a single sequential stream of W is what
 // this class of CPU prefetches best (reading 4 rows of W side by side ran at half the bandwidth), and x stays in L1.
-// bf16 uses vdpbf16ps (32 products per instruction, twice the fp32 FMA rate), so a 4-row verify stays close to memory-bound where an fp32 loop becomes compute-bound.
+// bf16 uses vdpbf16ps (32 products per instruction, twice the fp32 FMA rate), so a 4-row verify stays close to
+// memory-bound where an fp32 loop becomes compute-bound.
 //
 // Every output is summed in the same order whatever M is (two vector accumulators over alternating chunks of K,
 // then one horizontal sum): a token's result does not depend on the other rows in the call.
