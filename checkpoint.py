@@ -5,6 +5,7 @@ Our format is a folder with `model.safetensors` (our parameter names) and `confi
 """
 import importlib.util
 import json
+import mmap
 import os
 import re
 import shutil
@@ -86,19 +87,40 @@ def load_model(ckpt_dir, device="cpu", dtype=torch.float32) -> Transformer:
     if args.tie_embeddings and "output.weight" in expected:
         state.setdefault("output.weight", state.get("tok_embeddings.weight"))
     check_state(state, expected, ckpt_dir)
-    state = {k: _own_copy(v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype))
-             for k, v in state.items()}
+    state = _into_fresh_memory(state, device, dtype)
     model.load_state_dict(state, assign=True)
     if args.tie_embeddings and isinstance(model.output, Linear):
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
 
-def _own_copy(t: torch.Tensor) -> torch.Tensor:
-    """A fresh CPU copy of a loaded tensor. Tensors read from a safetensors file map the file (4 KB pages, any byte
-    alignment: CPU int8/int4 kernels crash on that) or sit where the loader's allocations fell; decode streamed the
-    weights 25-35% slower from either than from fresh copies (1 thread; scratch A/B)."""
-    return t.clone() if t.device.type == "cpu" else t
+HUGE_PAGE = 2 << 20
+
+
+def _into_fresh_memory(state: dict, device, dtype) -> dict:
+    """The loaded tensors on `device`, floats in `dtype`. On CPU they are copied side by side into one block of
+    anonymous memory that asks Linux for 2 MB transparent huge pages. Decode streams every weight once per token:
+    with 4 KB pages each page costs a TLB miss and restarts the hardware prefetcher, and 1-thread decode streamed
+    1.2-1.7x slower (scripts/bench_generate.py's decode table has the figures). Tensors straight from safetensors
+    map the file, at any byte alignment, which the CPU int8/int4 kernels crash on; this copy also fixes that."""
+    want = {k: dtype if v.is_floating_point() else v.dtype for k, v in state.items()}
+    if torch.device(device).type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return {k: v.to(device=device, dtype=want[k], copy=True) for k, v in state.items()}
+    first = {}  # tied tensors (embedding and head) appear twice in state: copy them once
+    for k, v in state.items():
+        first.setdefault(id(v), k)
+    spans = {k: -(-state[k].numel() * want[k].itemsize // 64) * 64 for k in first.values()}
+    block = mmap.mmap(-1, sum(spans.values()) + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # shared memory gets no THP
+    block.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(block, dtype=torch.uint8)  # the tensors keep the block alive
+    offset = -raw.data_ptr() % HUGE_PAGE
+    copies = {}
+    for k, span in spans.items():
+        v = state[k]
+        nbytes = v.numel() * want[k].itemsize
+        copies[k] = raw[offset:offset + nbytes].view(want[k]).view(v.shape).copy_(v)
+        offset += span
+    return {k: copies[first[id(v)]] for k, v in state.items()}
 
 
 def quant_plan(config: dict) -> dict:

@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import convert_gguf, convert_hf, load_model, load_state_dict, read_config, save_checkpoint
+from checkpoint import (
+    HUGE_PAGE,
+    convert_gguf,
+    convert_hf,
+    load_model,
+    load_state_dict,
+    read_config,
+    save_checkpoint,
+)
+from tests.test_model import tiny_model
+from tests.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 300
@@ -200,6 +210,21 @@ def test_save_checkpoint_is_atomic(tmp_path):
         save_checkpoint(out, {"a": torch.ones(2)}, {"model_args": {"bad": object()}})  # not JSON-serializable
     assert load_state_dict(out / "model.safetensors")["a"].tolist() == [1.0, 1.0]  # the old one survives
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folder left behind
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_weights_sit_in_one_aligned_block(tmp_path, dtype):
+    folder = save_tiny(tiny_model(tie_embeddings=True), tmp_path / "tiny")
+    model = load_model(folder, dtype=dtype)
+    stored = load_state_dict(folder / "model.safetensors")
+    tensors = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if not n.endswith("_cache")}
+    for name, t in tensors.items():  # each one a copy of the file's, converted to dtype
+        torch.testing.assert_close(t, stored[name].to(dtype), rtol=0, atol=0)
+        assert t.data_ptr() % 64 == 0, name
+    assert model.output.weight is model.tok_embeddings.weight  # the tied head is copied once
+    blocks = {t.untyped_storage().data_ptr() for t in tensors.values()}
+    if sys.platform == "linux":  # one block, its first tensor on a 2 MB page boundary
+        assert len(blocks) == 1 and min(t.data_ptr() for t in tensors.values()) % HUGE_PAGE == 0
 
 
 def test_converter_cli_reports_one_line(tmp_path):
