@@ -173,8 +173,13 @@ def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, st
 
 def compile_step(fn, device):
     """A fixed-shape step (decode, verify) compiles to one graph thanks to the static cache; on CUDA with CUDA
-    graphs (reduce-overhead)."""
-    return torch.compile(fn, mode="reduce-overhead" if torch.device(device).type == "cuda" else None, fullgraph=True)
+    graphs (reduce-overhead). Each new shape (another k) gets its own static graph, not a dynamic one.
+    On CPU Inductor rounds to bf16 wherever eager would (emulate_precision_casts): otherwise how much of a norm or an
+    activation stays in fp32 depends on the fusions it picks for each shape, and a 4-token verify step scores
+    tokens differently from decode."""
+    if torch.device(device).type == "cuda":
+        return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return torch.compile(fn, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
 
 
 def compile_fns(device, compile_prefill: bool = False):

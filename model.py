@@ -99,10 +99,10 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if dense_gemv_fits(x, self.weight):
-            # C++ (kernels/cpu_dense.cpp) for 3-8 tokens (speculative verify): stays near the memory bound where the
-            # loop below turns compute-bound.
+            # C++ (kernels/cpu_dense.cpp) for 1-8 tokens (decode, speculative verify): stays near the memory bound
+            # at 4 tokens where the loop below turns compute-bound, and sums each token alike at any count.
             return cpu_kernels.dense_gemv(x, self.weight)
-        if few_tokens_on_compiled_cpu(x):
+        if few_tokens_on_compiled_cpu(x):  # the C++ kernels could not be built
             # One multiply-and-sum per token: Inductor fuses them into one vectorized loop that reads each weight
             # row once for all tokens, about twice as fast as its matrix-multiply call at batch 1 (and far
             # faster than it at 2-8 rows on CPUs where MKL takes a slow path).

@@ -1,10 +1,10 @@
 // Few-row CPU matrix-vector products with dense fp32 or bf16 weights: y[m, n] = sum_k x[m, k] * w[n, k], M <= 8.
 //
-// What a speculative verify (M = k + 1 tokens) spends its time in; model.Linear sends it 3-8 rows (kernels/dispatch.py
-// says why not 1-2). One row of W at a time, all rows of x against it: a single sequential stream of W is what
-// this class of CPU prefetches best (reading 4 rows of W side by side ran at half the bandwidth), and x stays in L1.
-// bf16 uses vdpbf16ps (32 products per instruction, twice the fp32 FMA rate), so a 4-row verify stays close to
-// memory-bound where an fp32 loop becomes compute-bound.
+// What a float model's decode (M = 1) and speculative verify (M = k + 1 tokens) spend their time in. One row of W
+// at a time, all rows of x against it: a single sequential stream of W is what this class of CPU prefetches best
+// (reading 4 rows of W side by side ran at half the bandwidth), and x stays in L1. bf16 uses vdpbf16ps (32
+// products per instruction, twice the fp32 FMA rate), so a 4-row verify stays close to memory-bound where an fp32
+// loop becomes compute-bound.
 //
 // Every output is summed in the same order whatever M is (two vector accumulators over alternating chunks of K,
 // then one horizontal sum): a token's result does not depend on the other rows in the call.
@@ -24,26 +24,29 @@ namespace {
 
 using bf16 = c10::BFloat16;
 constexpr int64_t kMaxRows = 8;
+constexpr int64_t kPrefetchBytes = 16384;
 
 #ifdef BITFAST_DENSE_AVX512
 // One vector step over K: L values of x and w multiplied into a 16-lane fp32 accumulator.
 template <typename T> struct Step;
 template <> struct Step<float> {
   static constexpr int64_t L = 16;
-  static __m512 load(const float* p, int64_t left) {
+  static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  static __m512 load(const float* p, int64_t left) {  // masked: zeros past the end
     return _mm512_maskz_loadu_ps(left >= L ? __mmask16(0xffff) : __mmask16((1u << left) - 1), p);
   }
   static __m512 madd(__m512 acc, __m512 x, __m512 w) { return _mm512_fmadd_ps(x, w, acc); }
 };
 template <> struct Step<bf16> {
   static constexpr int64_t L = 32;
+  static __m512bh load(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
   static __m512bh load(const bf16* p, int64_t left) {
     return (__m512bh)_mm512_maskz_loadu_epi16(left >= L ? __mmask32(~0u) : __mmask32((1u << left) - 1), p);
   }
   static __m512 madd(__m512 acc, __m512bh x, __m512bh w) { return _mm512_dpbf16_ps(acc, x, w); }
 };
 
-// Up to 4 rows of x against one row of W (more would spill the 2 x M accumulators out of registers).
+// All M rows of x against one row of W; the 2 x M accumulators stay in registers (32 of them at M = 8).
 template <int M, typename T>
 void dot_rows(const T* x, const T* wr, int64_t K, int64_t N, T* y) {
   using S = Step<T>;
@@ -51,31 +54,36 @@ void dot_rows(const T* x, const T* wr, int64_t K, int64_t N, T* y) {
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 2 * S::L <= K; k += 2 * S::L) {
-    // Two rows ahead: the hardware stream alone leaves the 4-row products short of bandwidth.
-    _mm_prefetch(reinterpret_cast<const char*>(wr + 2 * K + k), _MM_HINT_T0);
-    const auto w0 = S::load(wr + k, S::L), w1 = S::load(wr + k + S::L, S::L);
+    // From 3 rows of x, both cache lines of this step kPrefetchBytes ahead into L2: the work per line leaves
+    // too few loads in flight for the hardware stream alone (bf16, 4 rows, scratch microbenchmark: W read at
+    // 15-22 GB/s against 26-28 for 1 row; 23-30 with this). At 1-2 rows the extra instructions only cost.
+    if constexpr (M >= 3) {
+      const char* ahead = reinterpret_cast<const char*>(wr + k) + kPrefetchBytes;
+      _mm_prefetch(ahead, _MM_HINT_T1);
+      _mm_prefetch(ahead + 64, _MM_HINT_T1);
+    }
+    const auto w0 = S::load(wr + k), w1 = S::load(wr + k + S::L);
     for (int m = 0; m < M; ++m) {
-      acc[m][0] = S::madd(acc[m][0], S::load(x + m * K + k, S::L), w0);
-      acc[m][1] = S::madd(acc[m][1], S::load(x + m * K + k + S::L, S::L), w1);
+      acc[m][0] = S::madd(acc[m][0], S::load(x + m * K + k), w0);
+      acc[m][1] = S::madd(acc[m][1], S::load(x + m * K + k + S::L), w1);
     }
   }
-  for (int u = 0; k < K; k += S::L, u ^= 1) {  // tail: masked loads read zeros past K
+  // Tail, under 2 steps; fixed accumulator indices keep acc in registers (a runtime index sent it to memory,
+  // which made 8 rows cost twice 4).
+  for (int u = 0; u < 2 && k < K; ++u, k += S::L) {
     const auto wv = S::load(wr + k, K - k);
-    for (int m = 0; m < M; ++m) acc[m][u] = S::madd(acc[m][u], S::load(x + m * K + k, K - k), wv);
+    for (int m = 0; m < M; ++m) {
+      const auto xv = S::load(x + m * K + k, K - k);
+      if (u == 0) acc[m][0] = S::madd(acc[m][0], xv, wv);
+      else acc[m][1] = S::madd(acc[m][1], xv, wv);
+    }
   }
   for (int m = 0; m < M; ++m) y[m * N] = T(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])));
 }
 
 template <int M, typename T>
 void rows(const T* x, const T* w, int64_t K, int64_t N, int64_t n0, int64_t n1, T* y) {
-  for (int64_t n = n0; n < n1; ++n) {
-    if constexpr (M <= 4) {
-      dot_rows<M>(x, w + n * K, K, N, y + n);
-    } else {  // the second block of x finds the row of W in L1
-      dot_rows<4>(x, w + n * K, K, N, y + n);
-      dot_rows<M - 4>(x + 4 * K, w + n * K, K, N, y + 4 * N + n);
-    }
-  }
+  for (int64_t n = n0; n < n1; ++n) dot_rows<M>(x, w + n * K, K, N, y + n);
 }
 #else
 // Portable: the same two-accumulator order, in scalar lanes of 16 (any compiler vectorizes it).

@@ -10,10 +10,6 @@ from kernels.cpu import DENSE_MAX_ROWS, cpu_kernels_available, quant_gemv
 from kernels.packing import dequantize
 
 GEMV_MAX_ROWS = 8  # up to this many rows of x (decode, small batches) the GEMV kernels win; beyond, GEMM
-# A float Linear takes the C++ dense kernel from 3 rows (speculative verify): at 1-2 rows Inductor's fused loop in
-# model.Linear is faster, fusing the norms and saving the extern calls (compiled bf16 decode, 1 thread: 1 row 9-23%
-# slower on the kernel, 4 rows 0-10% and 8 rows 16-22% faster; scratch A/B and bench_generate on the default model).
-DENSE_MIN_ROWS = 3
 
 
 @torch.compiler.assume_constant_result
@@ -24,9 +20,11 @@ def _cpu_kernels_ready() -> bool:
 
 
 def dense_gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether x @ w.T should run on kernels.cpu.dense_gemv: verify-sized CPU input, fp32 or bf16 x and w alike,
-    no gradient wanted."""
-    return DENSE_MIN_ROWS <= x.shape[:-1].numel() <= DENSE_MAX_ROWS and _cpu_inference(x, w)
+    """Whether x @ w.T should run on kernels.cpu.dense_gemv: decode- or verify-sized CPU input, fp32 or bf16 x and
+    w alike, no gradient wanted. Decode (1 row) takes it too, though Inductor's fused loop in model.Linear is ~4%
+    faster there (compiled, 1 thread, scratch A/B): one kernel for every row count is what makes a verify step
+    score each token bit for bit as decode does, so speculative greedy output equals plain greedy in bf16 too."""
+    return x.shape[:-1].numel() <= DENSE_MAX_ROWS and _cpu_inference(x, w)
 
 
 def few_query_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, input_pos) -> bool:

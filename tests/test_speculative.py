@@ -119,6 +119,21 @@ def test_compiled_verify_and_draft_equal_plain_greedy():
             assert fast.tolist() == plain.tolist()
 
 
+def test_compiled_bf16_verify_scores_each_token_as_decode_does():
+    """bf16, compiled: a 4-token verify step gives every token bit for bit the logits that decode gives it (one
+    kernel for any row count, Inductor rounding as eager does), so speculative greedy output equals plain greedy."""
+    torch._dynamo.reset()
+    model = tiny_model().to(torch.bfloat16)
+    model.setup_caches(1, 64, dtype=torch.bfloat16)
+    decode_fn, verify_fn = compile_step(verify, "cpu"), compile_step(verify, "cpu")
+    tokens = torch.randint(0, 101, (1, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(tokens[:, :20], torch.arange(20))
+        together = verify_fn(model, tokens[:, 20:], torch.arange(20, 24))
+        alone = torch.cat([decode_fn(model, tokens[:, i:i + 1], torch.arange(i, i + 1)) for i in range(20, 24)])
+    assert torch.equal(together, alone)
+
+
 # ---------------------------------------------------------------- the sampling acceptance rule
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
