@@ -45,30 +45,59 @@ inline __m512 hsum16(__m512* v) {
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), s);
 }
 
+// Masked loads and stores only where a row or a chunk ends: on this CPU class they cost enough that masking every
+// access made the whole attention ~1.4x slower (head_dim 64, scratch microbenchmark). The full 16-lane steps come
+// first, without a mask, then one masked tail.
+inline void store16(float* p, int64_t left, __m512 v) {
+  if (left >= 16) _mm512_storeu_ps(p, v);
+  else _mm512_mask_storeu_ps(p, tail_mask(left), v);
+}
+
+// v[i] += q . k[i] over dims [d, d + 16) for 16 rows of k (row stride D); Load: full or masked 16-lane loads.
+template <typename Load>
+inline void dots_step(const float* q, const float* k, int64_t D, int64_t d, __m512* v, Load load) {
+  const __m512 qv = load(q + d);
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_fmadd_ps(qv, load(k + i * D + d), v[i]);
+}
+
 // out[i] = scale * q . k[i] for the n <= 16 rows of k (row stride D).
 inline void dots16(const float* q, const float* k, int64_t n, int64_t D, float scale, float* out) {
   __m512 v[16];
   for (int i = 0; i < 16; ++i) v[i] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 16) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) dots_step(q, k, D, d, v, [](const float* p) { return _mm512_loadu_ps(p); });
+  if (d < D) {
     const __mmask16 m = tail_mask(D - d);
-    const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
-    for (int i = 0; i < 16; ++i) v[i] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k + i * D + d), v[i]);
+    dots_step(q, k, D, d, v, [m](const float* p) { return _mm512_maskz_loadu_ps(m, p); });
   }
-  _mm512_mask_storeu_ps(out, tail_mask(n), _mm512_mul_ps(hsum16(v), _mm512_set1_ps(scale)));
+  store16(out, n, _mm512_mul_ps(hsum16(v), _mm512_set1_ps(scale)));
+}
+
+// acc[d, d + 16) += sum_i p[i] * v[i] over the n <= 16 rows of v (row stride D).
+template <typename Load, typename Store>
+inline void pv_step(const float* p, const float* v, int64_t n, int64_t D, int64_t d, float* acc, Load load,
+                    Store store) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();  // two chains: FMA latency
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[i]), load(v + i * D + d), a0);
+    a1 = _mm512_fmadd_ps(_mm512_set1_ps(p[i + 1]), load(v + (i + 1) * D + d), a1);
+  }
+  if (i < n) a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[i]), load(v + i * D + d), a0);
+  store(acc + d, _mm512_add_ps(load(acc + d), _mm512_add_ps(a0, a1)));
 }
 
 // acc += sum_i p[i] * v[i] over the n <= 16 rows of v (row stride D).
 inline void pv16(const float* p, const float* v, int64_t n, int64_t D, float* acc) {
-  for (int64_t d = 0; d < D; d += 16) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    pv_step(p, v, n, D, d, acc, [](const float* a) { return _mm512_loadu_ps(a); },
+            [](float* a, __m512 x) { _mm512_storeu_ps(a, x); });
+  }
+  if (d < D) {
     const __mmask16 m = tail_mask(D - d);
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();  // two chains: FMA latency
-    int64_t i = 0;
-    for (; i + 2 <= n; i += 2) {
-      a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[i]), _mm512_maskz_loadu_ps(m, v + i * D + d), a0);
-      a1 = _mm512_fmadd_ps(_mm512_set1_ps(p[i + 1]), _mm512_maskz_loadu_ps(m, v + (i + 1) * D + d), a1);
-    }
-    if (i < n) a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[i]), _mm512_maskz_loadu_ps(m, v + i * D + d), a0);
-    _mm512_mask_storeu_ps(acc + d, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc + d), _mm512_add_ps(a0, a1)));
+    pv_step(p, v, n, D, d, acc, [m](const float* a) { return _mm512_maskz_loadu_ps(m, a); },
+            [m](float* a, __m512 x) { _mm512_mask_storeu_ps(a, m, x); });
   }
 }
 
@@ -93,10 +122,9 @@ inline float softmax_numerators(float* p, int64_t L, float max) {
   const __m512 mv = _mm512_set1_ps(max);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t t = 0; t < L; t += 16) {
-    const __mmask16 k = tail_mask(L - t);
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + t), mv));
-    _mm512_mask_storeu_ps(p + t, k, e);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask(L - t), p + t), mv));
+    store16(p + t, L - t, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail_mask(L - t), e));
   }
   return _mm512_reduce_add_ps(sum);
 }
