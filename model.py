@@ -102,7 +102,7 @@ class Linear(nn.Linear):
             # C++ (kernels/cpu_dense.cpp) for 1-8 tokens (decode, speculative verify): stays near the memory bound
             # at 4 tokens where the loop below turns compute-bound, and sums each token alike at any count.
             return cpu_kernels.dense_gemv(x, self.weight)
-        if few_tokens_on_compiled_cpu(x):  # the C++ kernels could not be built
+        if few_tokens_on_compiled_cpu(x):  # no C++ kernels (not built, or fp16)
             # One multiply-and-sum per token: Inductor fuses them into one vectorized loop that reads each weight
             # row once for all tokens, about twice as fast as its matrix-multiply call at batch 1 (and far
             # faster than it at 2-8 rows on CPUs where MKL takes a slow path).

@@ -19,7 +19,7 @@ from sampling import accept_draft, logits_to_probs
 
 def verify(model, tokens, input_pos):
     """The model's logits [S, V] at S consecutive positions of one sequence, written into its cache. Compiled
-    with a fixed S (1 + k proposals) this is one graph; on CPU it takes model.py's few-token path."""
+    with a fixed S (1 + k proposals) this is one graph; on CPU it runs the C++ few-token kernels."""
     return model(tokens, input_pos)[0].float()
 
 

@@ -1,5 +1,5 @@
 """Batched generation: each row of a right-padded batch, decoding at its own positions, gives what generate()
-gives that prompt alone (eager, and compiled through model.py's fused few-token CPU path)."""
+gives that prompt alone (eager, and compiled through the C++ few-token CPU kernels)."""
 import pytest
 import torch
 

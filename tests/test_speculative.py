@@ -100,7 +100,7 @@ def test_stop_token_inside_an_accepted_run_ends_generation():
 
 
 def test_compiled_verify_and_draft_equal_plain_greedy():
-    """The compiled path: model.py's fused few-token CPU code for verify (k+1 = 4 tokens) and decode."""
+    """The compiled path: the C++ few-token CPU kernels for verify (k+1 = 4 tokens) and decode."""
     torch._dynamo.reset()
     model = tiny_model()
     model.setup_caches(1, 64)
