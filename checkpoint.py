@@ -111,7 +111,10 @@ def _into_fresh_memory(state: dict, device, dtype) -> dict:
         first.setdefault(id(v), k)
     spans = {k: -(-state[k].numel() * want[k].itemsize // 64) * 64 for k in first.values()}
     block = mmap.mmap(-1, sum(spans.values()) + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # shared memory gets no THP
-    block.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        block.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel built without transparent huge pages: 4 KB pages, still one aligned block
+        pass
     raw = torch.frombuffer(block, dtype=torch.uint8)  # the tensors keep the block alive
     offset = -raw.data_ptr() % HUGE_PAGE
     copies = {}
