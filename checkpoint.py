@@ -109,7 +109,8 @@ def _into_fresh_memory(state: dict, device, dtype) -> dict:
     first = {}  # tied tensors (embedding and head) appear twice in state: copy them once
     for k, v in state.items():
         first.setdefault(id(v), k)
-    spans = {k: -(-state[k].numel() * want[k].itemsize // 64) * 64 for k in first.values()}
+    nbytes = {k: state[k].numel() * want[k].itemsize for k in first.values()}
+    spans = {k: -(-n // 64) * 64 for k, n in nbytes.items()}  # each tensor starts 64-byte aligned
     block = mmap.mmap(-1, sum(spans.values()) + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # shared memory gets no THP
     try:
         block.madvise(mmap.MADV_HUGEPAGE)
@@ -119,9 +120,7 @@ def _into_fresh_memory(state: dict, device, dtype) -> dict:
     offset = -raw.data_ptr() % HUGE_PAGE
     copies = {}
     for k, span in spans.items():
-        v = state[k]
-        nbytes = v.numel() * want[k].itemsize
-        copies[k] = raw[offset:offset + nbytes].view(want[k]).view(v.shape).copy_(v)
+        copies[k] = raw[offset:offset + nbytes[k]].view(want[k]).view(state[k].shape).copy_(state[k])
         offset += span
     return {k: copies[first[id(v)]] for k, v in state.items()}
 

@@ -130,7 +130,7 @@ def test_compiled_quant_linear_calls_the_kernel():
     check(x.view(1, -1), w_ref, y.view(1, -1))
 
 
-# dense_gemv: the float Linear's kernel for speculative verify (3-8 rows)
+# dense_gemv: the float Linear's kernel for decode and speculative verify (1-8 rows)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 8])
