@@ -1,5 +1,9 @@
-"""Shared by every entry point: device/dtype/thread options, and bad input ending in one clear line and a
-non-zero exit instead of a traceback."""
+"""Shared by every entry point: the argument parser, checked numeric flags, device/dtype/thread options, and bad
+input ending in one clear line and exit 2 instead of a traceback.
+
+Validation happens at the edges (flags here, files where they are read) and raises ValueError with the file or
+flag and what was expected; `run` turns only those user errors into one line, so a bug still shows its traceback."""
+import argparse
 import sys
 
 import torch
@@ -9,18 +13,77 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (`error: argument --x: ...`) and exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(kind, low=None, low_open=False, high=None, what=""):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v != v or v in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if low is not None and (v < low or (low_open and v == low)) or high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1, what="a whole number >= 1")
+nonneg_int = _number(int, 0, what="a whole number >= 0")
+positive_float = _number(float, 0.0, low_open=True, what="a number > 0")
+nonneg_float = _number(float, 0.0, what="a number >= 0")
+probability = _number(float, 0.0, low_open=True, high=1.0, what="a number in (0, 1]")
+
+
+def nonempty(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty value")
+    return text
+
+
+nonempty.__name__ = "non-empty value"
+
+
+def device(text):
+    """cpu, cuda or cuda:N, available on this machine."""
+    try:
+        d = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (cpu, cuda or cuda:N)") from None
+    if d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (cpu, cuda or cuda:N)")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+device.__name__ = "device"
+
+
 def add_device_args(p):
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch.set_num_threads)")
 
 
 def setup_device(args) -> torch.dtype:
-    """Apply --threads, check --device, and return the dtype --dtype asks for (or the device's default)."""
+    """Apply --threads and return the dtype --dtype asks for (or the device's default)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA GPU is available")
     if args.dtype:
         return DTYPES[args.dtype]
     return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -30,7 +93,7 @@ def run(main):
     try:
         return main()
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
