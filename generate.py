@@ -7,7 +7,6 @@ at a time with speculative decoding; optionally reuse a prompt prefix's keys/val
     python generate.py --chat --compile --draft_checkpoint checkpoints/smollm2-int4 --speculate_k 2
     python generate.py --chat --prefill_cache ~/.cache/bitfast-prefill --prompt_file long_document.txt
 """
-import argparse
 import contextlib
 import resource
 import sys
@@ -18,14 +17,37 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint
-from cli import DTYPES, add_device_args, run, setup_device
+from cli import (
+    DTYPES,
+    ArgumentParser,
+    add_device_args,
+    nonempty,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+    probability,
+    run,
+    setup_device,
+)
+from fileio import check_output_dir
 from model import Transformer
-from prefill_cache import PrefillCache
-from profiling import profile_decode
+from prefill_cache import PrefillCache, check_cache_dir
+from profiling import TRACE_NAME, is_profile_dir, profile_decode
 from sampling import sample
-from speculative import DraftModel, PromptLookup, speculative_decode, verify
+from speculative import MAX_SPECULATE_K, DraftModel, PromptLookup, speculative_decode, verify
 
 # ---------------------------------------------------------------- prefill and decode
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int):
+    """Token ids the model can embed: an id past its vocabulary (a tokenizer larger than the model's embedding)
+    would otherwise fail deep inside the embedding lookup, or silently on a GPU."""
+    if ids.numel() == 0:
+        raise ValueError("the prompt is empty (it encodes to no tokens)")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"the prompt has token id {high if high >= vocab_size else low}, outside the model's "
+                         f"vocabulary of {vocab_size} tokens: the tokenizer does not belong to this model")
+
 
 def prefill(model: Transformer, tokens, input_pos, **sampling):
     logits = model(tokens, input_pos)
@@ -74,6 +96,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, s
     values of a prompt prefix seen before (and to remember this prompt's)."""
     device = prompt.device
     T = prompt.numel()
+    check_token_ids(prompt, model.args.vocab_size)
     if T + max_new_tokens > model.max_seq_length:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the context of "
                          f"{model.max_seq_length} tokens")
@@ -142,8 +165,10 @@ def generate_batch(model: Transformer, prompts: list, max_new_tokens: int, *, st
     """Several prompts (lists of token ids) at once -> each one's new tokens (a list, ending at its first stop
     token). Prompts are right-padded and every row decodes at its own positions, so a row's result is the one
     generate() gives it alone. Sets up the model's caches for the batch when they do not fit."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate_batch needs at least one prompt and no empty prompt")
+    if not prompts:
+        raise ValueError("generate_batch needs at least one prompt")
+    for p in prompts:
+        check_token_ids(torch.tensor(p, dtype=torch.long), model.args.vocab_size)
     device = model.norm.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width, rows = int(lengths.max()), len(prompts)
@@ -246,45 +271,46 @@ def build_prompt(tokenizer, text: str, chat: bool, history=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="bitfast checkpoint folder (default: SmolLM2-135M-Instruct, offline)")
-    p.add_argument("--prompt", default="Hello, my name is")
-    p.add_argument("--prompt_file", help="read the prompt from this UTF-8 text file instead")
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint", type=nonempty,
+                   help="bitfast checkpoint folder (default: SmolLM2-135M-Instruct, offline)")
+    p.add_argument("--prompt", type=nonempty, default="Hello, my name is")
+    p.add_argument("--prompt_file", type=nonempty, help="read the prompt from this UTF-8 text file instead")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--interactive", action="store_true", help="chat loop on stdin (implies --chat)")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--num_samples", type=int, default=1, help="generate this many times (speed: later runs are warm)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--max_new_tokens", type=positive_int, default=200)
+    p.add_argument("--num_samples", type=positive_int, default=1,
+                   help="generate this many times (speed: later runs are warm)")
+    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=positive_int, default=None)
+    p.add_argument("--top_p", type=probability, default=None)
+    p.add_argument("--seed", type=nonneg_int, default=1234)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     add_device_args(p)
-    p.add_argument("--max_seq_length", type=int, default=None, help="KV cache length (default: fits the request)")
+    p.add_argument("--max_seq_length", type=positive_int, default=None,
+                   help="KV cache length (default: fits the request)")
     s = p.add_argument_group("faster generation")
     s.add_argument("--prompt_lookup", action="store_true",
                    help="prompt-lookup decoding: propose continuations of n-grams found in the prompt and output")
-    s.add_argument("--max_ngram", type=int, default=3, help="prompt lookup: longest n-gram to match")
-    s.add_argument("--draft_checkpoint", help="speculative decoding with this draft model (same tokenizer)")
+    s.add_argument("--max_ngram", type=positive_int, default=3, help="prompt lookup: longest n-gram to match")
+    s.add_argument("--draft_checkpoint", type=nonempty,
+                   help="speculative decoding with this draft model (same tokenizer)")
     s.add_argument("--draft_dtype", default=None, choices=sorted(DTYPES), help="draft dtype (default: --dtype)")
-    s.add_argument("--speculate_k", type=int, default=4, help="tokens proposed per verify step")
-    s.add_argument("--prefill_cache", metavar="DIR",
+    s.add_argument("--speculate_k", type=positive_int, default=4,
+                   help=f"tokens proposed per verify step (at most {MAX_SPECULATE_K})")
+    s.add_argument("--prefill_cache", type=nonempty, metavar="DIR",
                    help="reuse the keys/values of prompt prefixes seen before (in memory, and saved in DIR)")
-    s.add_argument("--profile", metavar="DIR", help="profile eager decode: trace in DIR, time per layer type")
+    s.add_argument("--profile", type=nonempty, metavar="DIR",
+                   help="profile eager decode: trace in DIR, time per layer type")
     args = p.parse_args(argv)
     if args.prompt_lookup and args.draft_checkpoint:
         p.error("choose one of --prompt_lookup and --draft_checkpoint")
-    if args.speculate_k < 1:
-        p.error("--speculate_k must be at least 1")
-    if args.max_ngram < 1:
-        p.error("--max_ngram must be at least 1")
-    if args.max_new_tokens < 1:
-        p.error("--max_new_tokens must be at least 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        p.error("--top_p must be in (0, 1]")
-    if args.top_k is not None and args.top_k < 1:
-        p.error("--top_k must be at least 1")
+    if args.speculate_k > MAX_SPECULATE_K:
+        p.error(f"argument --speculate_k: at most {MAX_SPECULATE_K}, got {args.speculate_k} (a verify step of "
+                "k+1 tokens must fit the few-token kernels that score exactly like decode)")
+    if args.seed >= 2 ** 63:
+        p.error(f"argument --seed: expected a whole number below 2**63, got {args.seed}")
     return args
 
 
@@ -292,15 +318,18 @@ def read_prompt(args) -> str:
     if not args.prompt_file:
         return args.prompt
     path = Path(args.prompt_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such prompt file")
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+        raise ValueError(f"{path}: --prompt_file is not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read --prompt_file ({e.strerror})") from None
+    if not text.strip():
+        raise ValueError(f"{path}: --prompt_file is empty")
+    return text
 
 
-def load_speculator(args, tokenizer, dtype):
+def load_speculator(args, model, tokenizer, dtype):
     if args.prompt_lookup:
         return PromptLookup(max_ngram=args.max_ngram)
     if not args.draft_checkpoint:
@@ -310,6 +339,9 @@ def load_speculator(args, tokenizer, dtype):
     if load_tokenizer_for(draft_ckpt).encode(probe) != tokenizer.encode(probe):
         raise ValueError(f"{draft_ckpt}: the draft model's tokenizer differs from the model's")
     draft = load_model(draft_ckpt, device=args.device, dtype=DTYPES[args.draft_dtype] if args.draft_dtype else dtype)
+    if draft.args.vocab_size != model.args.vocab_size:
+        raise ValueError(f"{draft_ckpt}: the draft model has a vocabulary of {draft.args.vocab_size} tokens, the "
+                         f"model {model.args.vocab_size}: a draft must share the model's vocabulary")
     return DraftModel(draft, compile_step(verify, args.device) if args.compile else verify)
 
 
@@ -318,16 +350,22 @@ def main(argv=None):
     dtype = setup_device(args)
     torch.manual_seed(args.seed)
     prompt_text = read_prompt(args)
-    if args.profile and Path(args.profile).exists() and not Path(args.profile).is_dir():
-        raise NotADirectoryError(f"{args.profile}: --profile needs a directory")
+    # Output folders are checked before the model loads, so a bad one costs nothing.
+    if args.prefill_cache:
+        check_cache_dir(args.prefill_cache)
+    if args.profile:
+        check_output_dir(args.profile, is_profile_dir, "profile")
     ckpt = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer_for(ckpt)
     model = load_model(ckpt, device=args.device, dtype=dtype)
+    if args.max_seq_length and args.max_seq_length > model.args.block_size:
+        raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the model's context of "
+                         f"{model.args.block_size} tokens")
     model_bytes = weight_bytes(model)
     chat = args.chat or args.interactive
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     prefill_fn, decode_fn = compile_fns(args.device, args.compile_prefill) if args.compile else (prefill, decode_one_token)
-    speculator = load_speculator(args, tokenizer, dtype)
+    speculator = load_speculator(args, model, tokenizer, dtype)
     verify_fn = compile_step(verify, args.device) if args.compile and speculator else verify
     accel = {"speculator": speculator, "speculate_k": args.speculate_k, "verify_fn": verify_fn}
     cache = PrefillCache(model, args.prefill_cache) if args.prefill_cache else None
@@ -338,10 +376,11 @@ def main(argv=None):
         nonlocal warmed
         ids = build_prompt(tokenizer, text, chat, history)
         need = len(ids) + args.max_new_tokens
-        size = args.max_seq_length or min(model.args.block_size, -(-need // 256) * 256)
-        if need > size or need > model.args.block_size:
+        context = args.max_seq_length or model.args.block_size
+        if need > context:
             raise ValueError(f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens exceeds the context "
-                             f"of {min(size, model.args.block_size)} tokens")
+                             f"of {context} tokens" + (" (--max_seq_length)" if args.max_seq_length else ""))
+        size = args.max_seq_length or min(model.args.block_size, -(-need // 256) * 256)
         if model.max_seq_length != size:
             model.setup_caches(1, size, dtype=dtype, device=args.device)
         prompt = torch.tensor(ids, dtype=torch.int, device=args.device)
@@ -349,8 +388,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             generate(model, prompt, min(2 * args.speculate_k + 2, args.max_new_tokens), prefill_fn=prefill_fn,
                      decode_fn=decode_fn, **accel, **sampling)
-            if speculator is not None:
-                k1 = args.speculate_k + 1
+            k1 = args.speculate_k + 1
+            if speculator is not None and k1 <= size:  # a shorter context never has room to verify k tokens
                 verify_fn(model, torch.zeros(1, k1, dtype=torch.int, device=args.device),
                           torch.arange(k1, device=args.device))
             print(f"compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -361,7 +400,7 @@ def main(argv=None):
         print()
         print(speed_report(stats, model_bytes, args.device), file=sys.stderr)
         if args.profile:
-            trace = Path(args.profile) / "decode_trace.json"
+            trace = Path(args.profile) / TRACE_NAME
             print(profile_decode(model, prompt, min(args.max_new_tokens, 32), trace, **sampling), file=sys.stderr)
             print(f"trace written to {trace} (chrome://tracing, ui.perfetto.dev)", file=sys.stderr)
         return tokenizer.decode([t for t in new.tolist() if t not in stop_ids])

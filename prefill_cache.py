@@ -6,21 +6,41 @@ shares with a new one: a lookup takes the longest common prefix over all entries
 - In memory: an LRU of recent prompts, bounded in bytes.
 - On disk (optional): one safetensors file per prompt, named by a hash of (model fingerprint, dtype, tokens),
   whose metadata holds those three and a SHA-256 of the tensors. A file made for another model or dtype is
-  refused with an error; an unreadable or corrupt file is reported, never used, and rewritten after the prefill.
+  refused with an error; an unreadable or corrupt file (malformed metadata, tokens that do not hash to its name,
+  tensors that do not match their checksum) is reported, never used, and rewritten after the prefill.
+  The directory holds nothing else: one with other files is refused, so a mistyped path never gets written to.
 """
 import hashlib
 import json
 import os
+import re
 import sys
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from fileio import TEMP_TAG, atomic_write, check_output_dir
 
 FORMAT = "bitfast-prefill-cache-1"
+ENTRY = re.compile(r"[0-9a-f]{32}\.safetensors")
+ENTRY_TEMP = re.compile(r"\." + ENTRY.pattern + re.escape(TEMP_TAG) + r".*")
+
+
+def is_cache_dir(folder) -> bool:
+    """Whether a folder holds only what a PrefillCache writes: its entries and the temps of their writes."""
+    return all(ENTRY.fullmatch(p.name) or ENTRY_TEMP.fullmatch(p.name) for p in Path(folder).iterdir())
+
+
+def check_cache_dir(directory) -> Path:
+    """The cache directory, refused (ValueError) if it is not a new or empty folder or a cache of ours, or cannot
+    be written or read."""
+    directory = check_output_dir(directory, is_cache_dir, "prefill cache")
+    if directory.is_dir() and not os.access(directory, os.R_OK):
+        raise ValueError(f"{directory}: prefill cache folder is not readable")
+    return directory
 
 
 def model_fingerprint(model) -> str:
@@ -52,9 +72,7 @@ def _common_prefix(a: list, b: list) -> int:
 class PrefillCache:
     def __init__(self, model, directory=None, max_bytes: int = 1 << 30):
         self.fingerprint = model_fingerprint(model)
-        self.directory = Path(directory) if directory is not None else None
-        if self.directory is not None and self.directory.exists() and not self.directory.is_dir():
-            raise NotADirectoryError(f"{self.directory}: prefill cache path exists and is not a directory")
+        self.directory = check_cache_dir(directory) if directory is not None else None
         self.max_bytes = max_bytes
         self.entries = OrderedDict()  # tuple(tokens) -> {"k.i": [1, H, T, D], "v.i": ...}, least recent first
         self.corrupt = set()  # files reported as corrupt (once each); rewritten when their prompt comes again
@@ -130,14 +148,14 @@ class PrefillCache:
         if self.directory is None or not self.directory.is_dir():
             return []
         found = []
-        for path in sorted(self.directory.glob("*.safetensors")):
+        for path in sorted(p for p in self.directory.iterdir() if ENTRY.fullmatch(p.name)):
             if path in self.corrupt:
                 continue
             try:
                 with safe_open(str(path), framework="pt") as f:
                     meta = f.metadata() or {}
-                tokens = json.loads(meta["tokens"])
-            except (SafetensorError, OSError, KeyError, ValueError) as e:
+                tokens = json.loads(meta.get("tokens", "null"))
+            except (SafetensorError, OSError, ValueError) as e:
                 self._report_corrupt(path, e)
                 continue
             if meta.get("format") != FORMAT:
@@ -148,6 +166,10 @@ class PrefillCache:
                     f"{path}: prefill cache made for another model or dtype (model {meta.get('model')}, dtype "
                     f"{meta.get('dtype')}; this is model {self.fingerprint}, dtype {self._dtype(model)}): "
                     "use a separate cache directory per model and dtype")
+            # The name hashes the tokens it was saved for: edited or malformed tokens would reuse the wrong prefix.
+            if not (isinstance(tokens, list) and all(type(t) is int for t in tokens)) or path != self._path(tokens, model):
+                self._report_corrupt(path, "its tokens are malformed or not the ones it was saved for")
+                continue
             found.append((path, tokens))
         return found
 
@@ -157,7 +179,7 @@ class PrefillCache:
         want = (1, cache.shape[1], len(tokens), cache.shape[3])
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata()
+                meta = f.metadata() or {}
                 kv = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
             names = {f"{kind}.{i}" for kind in "kv" for i in range(len(model.layers))}
             if set(kv) != names:
@@ -175,15 +197,7 @@ class PrefillCache:
         cpu = {name: t.cpu().contiguous() for name, t in kv.items()}
         meta = {"format": FORMAT, "model": self.fingerprint, "dtype": self._dtype(model),
                 "tokens": json.dumps(list(tokens)), "sha256": _tensors_digest(cpu)}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=self.directory)
-        os.close(fd)
-        try:
-            save_file(cpu, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, save(cpu, metadata=meta))
 
     def _report_corrupt(self, path: Path, reason):
         self.corrupt.add(path)

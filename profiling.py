@@ -4,6 +4,7 @@
 Layers are labelled with forward hooks, so the model runs eagerly here: a compiled graph fuses layers into
 kernels that no longer belong to one of them. The table therefore shows the eager split of the work.
 """
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -11,14 +12,21 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler import record_function
 
+from fileio import TEMP_TAG, atomic_write
 from model import Attention, KVCache, Linear, RMSNorm, Transformer
 from quantize import QuantLinear
 from sampling import sample
 
+TRACE_NAME = "decode_trace.json"  # what generate.py --profile DIR writes in DIR
 GROUPS = ("attention", "norms/rope", "sampling", "other")
 # Inside an attention layer, the ops that are not the attention itself: apply_rotary_emb's arithmetic.
 ROPE_OPS = {"aten::mul", "aten::sub", "aten::add", "aten::stack", "aten::flatten", "aten::type_as", "aten::to",
             "aten::reshape", "aten::select"}
+
+
+def is_profile_dir(folder: Path) -> bool:
+    """An earlier --profile output: nothing in it but the trace (and temps of its writes)."""
+    return all(p.name == TRACE_NAME or p.name.startswith(f".{TRACE_NAME}{TEMP_TAG}") for p in Path(folder).iterdir())
 
 
 def layer_label(module) -> str:
@@ -73,9 +81,9 @@ def profile_decode(model: Transformer, prompt: torch.Tensor, steps: int, trace_p
     finally:
         for h in handles:
             h.remove()
-    trace_path = Path(trace_path)
-    trace_path.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(trace_path))
+    with tempfile.TemporaryDirectory() as tmp:  # the profiler writes only to a path: export, then place atomically
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        atomic_write(trace_path, Path(f"{tmp}/trace.json").read_bytes())
     return _table(prof.events(), steps, wall)
 
 

@@ -49,7 +49,9 @@ def test_rows_at_their_own_positions_match_separate_forwards():
 
 
 def test_bad_batches_are_errors():
-    with pytest.raises(ValueError, match="no empty prompt"):
+    with pytest.raises(ValueError, match="prompt is empty"):
         generate_batch(tiny_model(), [[1, 2], []], 4)
+    with pytest.raises(ValueError, match="token id 101, outside the model's vocabulary of 101"):
+        generate_batch(tiny_model(), [[1, 2], [101]], 4)
     with pytest.raises(ValueError, match="at least one prompt"):
         generate_batch(tiny_model(), [], 4)

@@ -1,8 +1,10 @@
 """Prefill cache: outputs equal to no cache, reuse of the longest common prefix in memory and across
-processes (a new PrefillCache on the same directory), refusal of another model's or dtype's files, and
-corrupt files reported, not used, and rewritten."""
+processes (a new PrefillCache on the same directory), refusal of another model's or dtype's files and of a
+folder holding other files, and corrupt files or malformed metadata reported, not used, and rewritten."""
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from generate import generate
 from prefill_cache import PrefillCache, model_fingerprint
@@ -102,10 +104,40 @@ def test_corrupt_file_is_reported_recomputed_and_rewritten(model, tmp_path, caps
     assert "is corrupt" not in capsys.readouterr().err
 
 
-def test_cache_path_that_is_a_file_is_an_error(model, tmp_path):
+def rewrite_metadata(path, **changes):
+    """Save the entry again with its tensors intact (checksum still right) and some metadata changed."""
+    with safe_open(str(path), framework="pt") as f:
+        meta, kv = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    meta = {k: v for k, v in {**meta, **changes}.items() if v is not None}
+    path.write_bytes(save(kv, metadata=meta))
+
+
+@pytest.mark.parametrize("changes", [
+    {"tokens": None}, {"tokens": "5"}, {"tokens": '"abc"'}, {"tokens": '{"a": 1}'}, {"tokens": '["x", 2]'},
+    {"tokens": "[1.5, 2]"}, {"tokens": "[[1], 2]"}, {"tokens": "[true, 2]"}, {"tokens": "[-1, 2]"},
+    {"tokens": "not json"}, {"tokens": "[1, 2, 3]"},  # well formed, but not the tokens the entry was saved for
+    {"format": None}, {"sha256": None}, {"sha256": "x"},
+])
+def test_malformed_metadata_is_a_miss_recomputed_and_rewritten(model, tmp_path, capsys, changes):
+    prompt = with_question(2, 7, 1)
+    plain, _ = generate(model, prompt, 8)
+    generate(model, prompt, 8, prefill_cache=PrefillCache(model, tmp_path))
+    (path,) = tmp_path.glob("*.safetensors")
+    rewrite_metadata(path, **changes)
+    out, stats = generate(model, prompt, 8, prefill_cache=PrefillCache(model, tmp_path))
+    assert "is corrupt" in capsys.readouterr().err
+    assert stats.cached_tokens == 0 and out.tolist() == plain.tolist()
+    out, stats = generate(model, prompt, 8, prefill_cache=PrefillCache(model, tmp_path))  # rewritten: used again
+    assert stats.cached_tokens == len(prompt) - 1 and out.tolist() == plain.tolist()
+
+
+def test_cache_path_that_is_a_file_or_a_folder_of_other_files_is_refused(model, tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(ValueError, match="not a folder"):
         PrefillCache(model, tmp_path / "file")
+    with pytest.raises(ValueError, match="not a bitfast prefill cache"):
+        PrefillCache(model, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "x"
 
 
 def test_cli_second_run_reuses_the_cached_prompt(tmp_path):
@@ -120,4 +152,4 @@ def test_cli_second_run_reuses_the_cached_prompt(tmp_path):
 def test_cli_cache_path_that_is_a_file_is_one_clear_line(tmp_path):
     (tmp_path / "file").write_text("x")
     r = run_generate("--prefill_cache", str(tmp_path / "file"), "--max_new_tokens", "2")
-    assert r.returncode == 2 and "not a directory" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "not a folder" in r.stderr and "Traceback" not in r.stderr
