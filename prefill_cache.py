@@ -167,7 +167,8 @@ class PrefillCache:
                     f"{meta.get('dtype')}; this is model {self.fingerprint}, dtype {self._dtype(model)}): "
                     "use a separate cache directory per model and dtype")
             # The name hashes the tokens it was saved for: edited or malformed tokens would reuse the wrong prefix.
-            if not (isinstance(tokens, list) and all(type(t) is int for t in tokens)) or path != self._path(tokens, model):
+            well_formed = isinstance(tokens, list) and all(type(t) is int for t in tokens)
+            if not well_formed or path != self._path(tokens, model):
                 self._report_corrupt(path, "its tokens are malformed or not the ones it was saved for")
                 continue
             found.append((path, tokens))

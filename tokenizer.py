@@ -322,48 +322,116 @@ def _smollm_pre_tokenizer() -> dict:
     return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _gpt2_pre_tokenizer()]}
 
 
+JSON_KINDS = {dict: "an object", list: "a list", str: "text", int: "a whole number", bool: "true or false"}
+
+
+def _field(data, path: str, kind, source: str, at: str = ""):
+    """The field at `path` ("model.vocab", "single.0.id": keys, and list indices as numbers) of `data`, itself at
+    `at` in the file, which must be of type `kind` (int excludes bool); else a ValueError naming file and field."""
+    name = re.sub(r"\.(\d+)", r"[\1]", f"{at}.{path}" if at else path)
+    value = data
+    for key in path.split("."):
+        if isinstance(value, dict) and key in value:
+            value = value[key]
+        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]
+        else:
+            raise ValueError(f"{source}: missing field {name}")
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"{source}: field {name} must be {JSON_KINDS[kind]}, got {json.dumps(value)[:60]}")
+    return value
+
+
 def pattern_from_pre_tokenizer(pre: dict | None, source: str) -> str:
     """The single split regex equivalent to a tokenizer.json `pre_tokenizer` we support."""
-    steps = (pre or {}).get("pretokenizers", []) if (pre or {}).get("type") == "Sequence" else [pre]
-    kinds = [(s or {}).get("type") for s in steps]
-    if not any((s or {}).get("add_prefix_space") for s in steps):
-        if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-            return GPT2_PATTERN
-        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-            return SMOLLM_PATTERN
-        if (kinds == ["Split", "ByteLevel"] and "Regex" in steps[0].get("pattern", {})
-                and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
-                and not steps[1].get("use_regex", True)):
-            return steps[0]["pattern"]["Regex"]
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    if isinstance(steps, list) and steps and all(isinstance(s, dict) for s in steps):
+        kinds = [s.get("type") for s in steps]
+        if not any(s.get("add_prefix_space") for s in steps):
+            if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+                return GPT2_PATTERN
+            if (kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
+                    and steps[1].get("use_regex", True)):
+                return SMOLLM_PATTERN
+            pattern = steps[0].get("pattern")
+            if (kinds == ["Split", "ByteLevel"] and isinstance(pattern, dict) and isinstance(pattern.get("Regex"), str)
+                    and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+                    and not steps[1].get("use_regex", True)):
+                return pattern["Regex"]
     raise ValueError(f"{source}: unsupported pre-tokenizer {json.dumps(pre)[:300]}")
 
 
-def _bos_from_post_processor(post: dict | None) -> int | None:
+def _bos_from_post_processor(post, source: str) -> int | None:
     """The bos id a TemplateProcessing post-processor prepends (HF Llama 3 files), else None."""
-    steps = post.get("processors", []) if post and post.get("type") == "Sequence" else [post]
-    for step in steps:
-        if step and step.get("type") == "TemplateProcessing" and "SpecialToken" in step["single"][0]:
-            return step["special_tokens"][step["single"][0]["SpecialToken"]["id"]]["ids"][0]
+    sequence = isinstance(post, dict) and post.get("type") == "Sequence"
+    steps = _field(post, "processors", list, source, "post_processor") if sequence else [post]
+    for i, step in enumerate(steps):
+        if isinstance(step, dict) and step.get("type") == "TemplateProcessing":
+            at = f"post_processor.processors.{i}" if sequence else "post_processor"
+            first = _field(step, "single.0", dict, source, at)
+            if "SpecialToken" in first:
+                name = _field(first, "SpecialToken.id", str, source, f"{at}.single.0")
+                specials = _field(step, "special_tokens", dict, source, at)
+                return _field(specials.get(name), "ids.0", int, source, f"{at}.special_tokens.{name}")
     return None
+
+
+def _vocab(model: dict, source: str) -> dict[str, int]:
+    vocab = _field(model, "vocab", dict, source, "model")
+    if not vocab:
+        raise ValueError(f"{source}: field model.vocab is empty")
+    for token, i in vocab.items():
+        if type(i) is not int or i < 0:
+            raise ValueError(f"{source}: field model.vocab[{token!r}] must be a token id (a whole number >= 0), "
+                             f"got {json.dumps(i)[:60]}")
+    return vocab
+
+
+def _merges(model: dict, source: str) -> list:
+    """Merges as written in either tokenizer.json style: "a b" or ["a", "b"]."""
+    merges = []
+    for i, m in enumerate(_field(model, "merges", list, source, "model")):
+        pair = m.split(" ") if isinstance(m, str) else m
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) and t for t in pair)):
+            raise ValueError(f"{source}: field model.merges[{i}] must be \"a b\" or [\"a\", \"b\"], "
+                             f"got {json.dumps(m)[:60]}")
+        merges.append(pair)
+    return merges
+
+
+def _added_tokens(data: dict, source: str) -> dict[str, int]:
+    tokens = data.get("added_tokens") or []
+    if not isinstance(tokens, list):
+        raise ValueError(f"{source}: field added_tokens must be a list, got {json.dumps(tokens)[:60]}")
+    added = {}
+    for i, t in enumerate(tokens):
+        content = _field(t, "content", str, source, f"added_tokens.{i}")
+        token_id = _field(t, "id", int, source, f"added_tokens.{i}")
+        if not content or token_id < 0:
+            raise ValueError(f"{source}: field added_tokens[{i}] needs a non-empty content and an id >= 0, "
+                             f"got {content!r} and {token_id}")
+        added[content] = token_id
+    return added
 
 
 def tokenizer_from_json(data: dict, source: str, bos_id=None, eos_id=None, add_bos=None, **kwargs) -> TiktokenTokenizer:
     """A byte-level BPE tokenizer from a parsed HF tokenizer.json. bos defaults to what its post-processor adds."""
-    model = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(model, dict) or model.get("type") != "BPE":
-        kind = model.get("type") if isinstance(model, dict) else None
-        raise ValueError(f"{source}: tokenizer model {kind!r} is not supported (bitfast reads byte-level BPE)")
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    model = _field(data, "model", dict, source)
+    if model.get("type") != "BPE":
+        raise ValueError(f"{source}: tokenizer model {model.get('type')!r} is not supported "
+                         "(bitfast reads byte-level BPE)")
     normalizer = data.get("normalizer")
     if normalizer not in (None, {"type": "NFC"}):
         raise ValueError(f"{source}: unsupported normalizer {json.dumps(normalizer)[:200]}")
     pattern = pattern_from_pre_tokenizer(data.get("pre_tokenizer"), source)
-    try:
-        vocab = model["vocab"]
-        merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-        added = {t["content"]: t["id"] for t in data.get("added_tokens") or []}
-        template_bos = _bos_from_post_processor(data.get("post_processor"))
-    except (KeyError, TypeError, IndexError, AttributeError) as e:
-        raise ValueError(f"{source}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
+    vocab, merges, added = _vocab(model, source), _merges(model, source), _added_tokens(data, source)
+    # Ids are dense in every tokenizer.json we know; a larger one is damage, and would size the id table.
+    if max([*vocab.values(), *added.values()]) >= len(vocab) + len(added):
+        raise ValueError(f"{source}: token ids go up to {max([*vocab.values(), *added.values()])}, past the "
+                         f"{len(vocab)} vocab and {len(added)} added tokens")
+    template_bos = _bos_from_post_processor(data.get("post_processor"), source)
     bos_id = template_bos if bos_id is None else bos_id
     add_bos = template_bos is not None if add_bos is None else add_bos
     return byte_level_tokenizer(vocab, merges, added, pattern, source, nfc=normalizer is not None,
@@ -378,7 +446,7 @@ GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # llama.cpp token types that are added t
 
 def bpe_tokenizer_json_from_gguf(tokens: list[str], merges: list[str], token_type: list[int], pre: str) -> dict:
     """A HF tokenizer.json (as a dict) for GGUF byte-level BPE data (`tokenizer.ggml.*` fields)."""
-    if pre not in GGUF_PRE_TOKENIZERS:
+    if not isinstance(pre, str) or pre not in GGUF_PRE_TOKENIZERS:
         raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
@@ -435,13 +503,23 @@ def load_tokenizer(path: str | Path, *, bos_id=None, eos_id=None, add_bos=None, 
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     kwargs = dict(bos_id=bos_id, eos_id=eos_id, chat_template=chat_template,
                   default_system_prompt=default_system_prompt)
+    kinds = {"bos_id": int, "eos_id": int, "chat_template": str, "default_system_prompt": str}
+    for name, value in [*kwargs.items(), ("add_bos", add_bos)]:
+        if value is not None and type(value) is not kinds.get(name, bool):
+            raise ValueError(f"{path}: the checkpoint's tokenizer setting {name} must be "
+                             f"{JSON_KINDS[kinds.get(name, bool)]} or null, got {value!r:.60}")
     if path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return tokenizer_from_json(data, str(path), add_bos=add_bos, **kwargs)
-    add_bos = True if add_bos is None else add_bos  # Llama 2/3 prompts start with bos
-    if _is_tiktoken_file(path):
-        return load_tiktoken_model(path, add_bos=add_bos, **kwargs)
-    return SentencePieceTokenizer(path, add_bos=add_bos, **kwargs)
+        tok = tokenizer_from_json(data, str(path), add_bos=add_bos, **kwargs)
+    else:
+        add_bos = True if add_bos is None else add_bos  # Llama 2/3 prompts start with bos
+        load = load_tiktoken_model if _is_tiktoken_file(path) else SentencePieceTokenizer
+        tok = load(path, add_bos=add_bos, **kwargs)
+    for name in ("bos_id", "eos_id"):
+        if getattr(tok, name) is not None and not 0 <= getattr(tok, name) < tok.vocab_size:
+            raise ValueError(f"{path}: {name} {getattr(tok, name)} is not a token id of its "
+                             f"{tok.vocab_size}-token vocabulary")
+    return tok

@@ -447,3 +447,56 @@ def _write(tmp_path, data) -> Path:
     path = tmp_path / "ok.json"
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
+
+
+@pytest.mark.parametrize("mutate,field", [
+    (lambda d: d.update(model=[1, 2]), "field model must be an object"),
+    (lambda d: d.pop("model"), "missing field model"),
+    (lambda d: d["model"].update(vocab=["a", "b"]), "field model.vocab must be an object"),
+    (lambda d: d["model"].update(vocab={}), "field model.vocab is empty"),
+    (lambda d: d["model"]["vocab"].update(a="7"), "field model.vocab\\['a'\\] must be a token id"),
+    (lambda d: d["model"]["vocab"].update(a=10 ** 12), "token ids go up to 1000000000000"),
+    (lambda d: d["model"].update(merges="a b"), "field model.merges must be a list"),
+    (lambda d: d["model"]["merges"].insert(3, "a b c"), "field model.merges\\[3\\] must be"),
+    (lambda d: d["model"]["merges"].insert(0, ["a", 7]), "field model.merges\\[0\\] must be"),
+    (lambda d: d.update(added_tokens={"content": "x", "id": 1}), "field added_tokens must be a list"),
+    (lambda d: d["added_tokens"].append("<x>"), "missing field added_tokens\\[3\\].content"),
+    (lambda d: d["added_tokens"][1].update(id="1"), "field added_tokens\\[1\\].id must be a whole number"),
+    (lambda d: d["added_tokens"][0].update(content=None), "field added_tokens\\[0\\].content must be text"),
+    (lambda d: d.update(pre_tokenizer=["ByteLevel"]), "unsupported pre-tokenizer"),
+    (lambda d: d.update(pre_tokenizer={"type": "Sequence", "pretokenizers": "x"}), "unsupported pre-tokenizer"),
+    (lambda d: d.update(post_processor={"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>"}}]}),
+     "missing field post_processor.special_tokens"),
+    (lambda d: d.update(post_processor={"type": "Sequence", "processors": [{"type": "TemplateProcessing",
+                                                                            "single": "x"}]}),
+     "missing field post_processor.processors\\[0\\].single\\[0\\]"),
+])
+def test_tokenizer_json_of_the_wrong_shape_names_the_file_and_field(tmp_path, tiny_bpe, mutate, field):
+    data = json.loads(json.dumps(tiny_bpe))
+    mutate(data)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"tokenizer.json: .*{field}"):
+        load_tokenizer(path)
+
+
+def test_tokenizer_json_fields_of_any_wrong_type_load_or_raise_one_clear_error(tmp_path, tiny_bpe):
+    """Every field of the file, and of its model and an added token, replaced by values of other JSON types."""
+    path = tmp_path / "tokenizer.json"
+    for where in (lambda d: d, lambda d: d["model"], lambda d: d["added_tokens"][0]):
+        for key in list(where(tiny_bpe)):
+            for value in (None, 0, True, -1, "x", "", [], {}, [1], {"a": 1}):
+                data = json.loads(json.dumps(tiny_bpe))
+                where(data)[key] = value
+                path.write_text(json.dumps(data))
+                try:
+                    load_tokenizer(path).encode("hello <|im_start|> world")
+                except ValueError as e:
+                    assert str(e).startswith(str(path)) and "\n" not in str(e), (key, value, e)
+
+
+@pytest.mark.parametrize("setting,value", [("bos_id", "1"), ("eos_id", [2]), ("bos_id", 800), ("eos_id", -1),
+                                           ("add_bos", "yes"), ("chat_template", 3)])
+def test_checkpoint_tokenizer_settings_of_the_wrong_type_or_range_are_clear_errors(tmp_path, tiny_bpe, setting, value):
+    with pytest.raises(ValueError, match=f"ok.json: .*{setting}"):
+        load_tokenizer(_write(tmp_path, tiny_bpe), **{setting: value})
