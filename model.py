@@ -31,12 +31,26 @@ class ModelArgs:
     rope_scaling: Optional[dict] = field(default=None)  # Llama-3.1 style: factor, low/high_freq_factor, original_max_position_embeddings
 
     def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "dim", "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("n_local_heads", "head_dim"):
+            if getattr(self, name) < 1 and getattr(self, name) != -1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 (or -1 for the default)")
+        if not (self.rope_base > 0 and self.norm_eps > 0):
+            raise ValueError(f"rope_base={self.rope_base} and norm_eps={self.norm_eps} must be > 0")
         if self.n_local_heads == -1:
             self.n_local_heads = self.n_head
         if self.head_dim == -1:
             self.head_dim = self.dim // self.n_head
         if self.n_head % self.n_local_heads:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_local_heads={self.n_local_heads}")
+        if self.head_dim % 2 or self.head_dim < 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+        if self.rope_scaling is not None:
+            keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            if set(self.rope_scaling) != keys or not all(_is_number(v) and v > 0 for v in self.rope_scaling.values()):
+                raise ValueError(f"rope_scaling must map {sorted(keys)} to positive numbers, got {self.rope_scaling}")
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
@@ -46,11 +60,32 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        """From a stored config (config.json's model_args): every field of the right type and range."""
+        if not isinstance(d, dict):
+            raise ValueError(f"model_args must be an object, got {type(d).__name__}")
+        kinds = {f.name: f.type for f in fields(cls)}
+        unknown = set(d) - set(kinds)
         if unknown:
             raise ValueError(f"unknown ModelArgs fields: {sorted(unknown)}")
-        return cls(**d)
+        for name, v in d.items():
+            ok = {int: _is_int(v), float: _is_number(v), bool: isinstance(v, bool)}.get(
+                kinds[name], v is None or isinstance(v, dict))
+            if not ok:
+                expected = {int: "a whole number", float: "a number", bool: "true or false"}.get(
+                    kinds[name], "an object or null")
+                raise ValueError(f"model_args.{name}: expected {expected}, got {v!r}")
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise ValueError(f"model_args: {e}") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 _LLAMA31_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)

@@ -11,18 +11,19 @@ When g does not divide the input size the last group of each row is shorter (a r
 """
 import argparse
 import fnmatch
-import json
 import math
 import re
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fileio import read_json
 from kernels.dispatch import dequantize_weight, quant_linear
 from kernels.packing import pack, unpack
 
@@ -229,10 +230,32 @@ def linear_names(model) -> list:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
 
 
+def check_recipe(recipe) -> dict:
+    """A recipe's shape: {"default": format, "layers": {pattern: format}, "quantize_output": bool}, every key
+    optional, formats parseable (or "float"). ValueError names the field."""
+    if not isinstance(recipe, dict):
+        raise ValueError(f"a recipe is a JSON object with 'default' and 'layers', got {type(recipe).__name__}")
+    unknown = set(recipe) - {"default", "layers", "quantize_output"}
+    if unknown:
+        raise ValueError(f"unknown recipe fields {sorted(unknown)} (known: default, layers, quantize_output)")
+    layers = recipe.get("layers", {})
+    if not isinstance(layers, dict):
+        raise ValueError("recipe 'layers' must be an object of {pattern: format}")
+    if not isinstance(recipe.get("quantize_output", False), bool):
+        raise ValueError("recipe 'quantize_output' must be true or false")
+    for where, fmt in [("default", recipe.get("default", "float")), *((f"layers.{k}", v) for k, v in layers.items())]:
+        if not isinstance(fmt, str):
+            raise ValueError(f"recipe {where}: expected a format name such as int4-g128 or float, got {fmt!r}")
+        if fmt != "float":
+            QuantFormat.parse(fmt)
+    return recipe
+
+
 def resolve_recipe(recipe: dict, names: list) -> dict:
     """recipe: {"default": "int4-g128-asym", "layers": {"pattern": "int8" | "float", ...}}; patterns are
     fnmatch globs over layer names (e.g. "layers.0.*", "*.w2", "output"). Later patterns win.
     Returns {layer name: QuantFormat or None (kept float)}."""
+    check_recipe(recipe)
     default = recipe.get("default")
     plan = {n: (QuantFormat.parse(default) if default and default != "float" else None) for n in names}
     if "output" in plan and "output" not in recipe.get("layers", {}) and not recipe.get("quantize_output", False):
@@ -517,10 +540,11 @@ def quantized_linear_factory(plan: dict):
 # ---------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from cli import ArgumentParser, nonneg_int, positive_float, positive_int
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", help="float bitfast checkpoint (default: SmolLM2-135M-Instruct)")
     p.add_argument("--mode", default="int4", choices=["int8", "int4", "int3", "int2", "hybrid"])
-    p.add_argument("--groupsize", type=int, default=128, help="0 = per output channel (int8 always is)")
+    p.add_argument("--groupsize", type=nonneg_int, default=128, help="0 = per output channel (int8 always is)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None)
     sym.add_argument("--asym", dest="sym", action="store_false")
@@ -531,49 +555,64 @@ def parse_args(argv=None):
                    help="also quantize the output head (and a tied embedding), at int8 unless a format is given "
                         "(int4 costs this model more perplexity than its whole int4 body)")
     p.add_argument("--calib", default="boolq", help="calibration text: boolq | lambada | a local .txt/.jsonl file")
-    p.add_argument("--calib_samples", type=int, default=128)
-    p.add_argument("--calib_seqlen", type=int, default=512)
-    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--calib_samples", type=positive_int, default=128)
+    p.add_argument("--calib_seqlen", type=positive_int, default=512)
+    p.add_argument("--damp", type=positive_float, default=0.01, help="GPTQ: Hessian dampening, a fraction of its mean diagonal")
     p.add_argument("--act_order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: quantize columns by decreasing Hessian diagonal (default on: on small models the few "
                         "channels with huge activations otherwise absorb everyone's error)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--out", required=True, help="output checkpoint folder")
     a = p.parse_args(argv)
     if a.mode == "hybrid" and not a.recipe:
         p.error("--mode hybrid needs --recipe")
+    if a.recipe and a.mode != "hybrid":
+        p.error("--recipe goes with --mode hybrid")
+    try:
+        a.recipe_rules = recipe_from_args(a.mode, a.groupsize, bool(a.sym), a.quantize_output, a.recipe)
+    except ValueError as e:
+        p.error(f"argument {'--recipe' if a.recipe else '--mode/--groupsize/--quantize_output'}: {e}")
     return a
 
 
-def recipe_from_args(a) -> dict:
-    if a.mode == "hybrid":
-        try:
-            recipe = json.loads(open(a.recipe).read())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{a.recipe}: malformed recipe JSON ({e})") from None
-        if not isinstance(recipe, dict):
-            raise ValueError(f"{a.recipe}: a recipe is a JSON object with 'default' and 'layers'")
-        return recipe
-    if a.mode == "int8":
-        fmt = QuantFormat(8, 0, True)
-    else:
-        fmt = QuantFormat(int(a.mode[3:]), a.groupsize, bool(a.sym))
+def read_recipe(path) -> dict:
+    """A hybrid recipe JSON file, checked (ValueError naming the file and the field)."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        return check_recipe(read_json(path))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e)) from None
+
+
+def recipe_from_args(mode: str, groupsize: int, sym: bool, quantize_output: str = None, recipe_path=None) -> dict:
+    if mode == "hybrid":
+        return read_recipe(recipe_path)
+    fmt = QuantFormat(8, 0, True) if mode == "int8" else QuantFormat(int(mode[3:]), groupsize, sym)
     recipe = {"default": fmt.name}
-    if a.quantize_output:
-        recipe["layers"] = {"output": QuantFormat.parse(a.quantize_output).name}
+    if quantize_output:
+        recipe["layers"] = {"output": QuantFormat.parse(quantize_output).name}
     return recipe
 
 
 def main(argv=None):
-    from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint, save_quantized
+    from checkpoint import check_output_checkpoint, load_model, load_tokenizer_for, read_config, resolve_checkpoint, \
+        save_quantized
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     ckpt = resolve_checkpoint(a.checkpoint)
+    quantized = read_config(ckpt).get("quantization")
+    if quantized:
+        raise ValueError(f"{ckpt}: is already quantized; quantize its float source "
+                         f"({quantized.get('source', 'the float checkpoint it came from')}) instead")
+    check_output_checkpoint(a.out, ckpt)
+    if a.method != "rtn" and a.calib not in ("boolq", "lambada") and not Path(a.calib).is_file():
+        raise ValueError(f"--calib {a.calib}: not boolq, lambada or an existing .txt/.jsonl file")
     model = load_model(ckpt)
-    plan = resolve_recipe(recipe_from_args(a), linear_names(model))
+    plan = resolve_recipe(a.recipe_rules, linear_names(model))
     calib = None
     if a.method != "rtn":
         from eval.data import calibration_batches

@@ -3,17 +3,16 @@ Weights are dequantized to float32; the tokenizer inside the GGUF is exported as
 
     python scripts/convert_gguf.py model.Q4_K_M.gguf checkpoints/my-model
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import convert_gguf  # noqa: E402
-from cli import run  # noqa: E402
+from cli import ArgumentParser, run  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("gguf_file")
     p.add_argument("out_dir")
     a = p.parse_args()

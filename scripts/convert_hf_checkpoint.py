@@ -2,17 +2,16 @@
 
     python scripts/convert_hf_checkpoint.py path/to/Llama-3.2-1B-Instruct checkpoints/llama-3.2-1b
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import convert_hf  # noqa: E402
-from cli import run  # noqa: E402
+from cli import ArgumentParser, run  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("hf_folder")
     p.add_argument("out_dir")
     a = p.parse_args()
