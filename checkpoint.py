@@ -423,6 +423,9 @@ def check_state(state: dict, expected: dict, source):
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, config expects {tuple(v.shape)}")
+        if state[k].is_floating_point() != v.is_floating_point() or (
+                not v.is_floating_point() and state[k].dtype != v.dtype):
+            raise ValueError(f"{source}: {k} is stored as {state[k].dtype}, the model expects {v.dtype}")
 
 
 # ---------------------------------------------------------------- GGUF file

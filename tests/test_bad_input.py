@@ -339,6 +339,14 @@ def test_flipped_bytes_and_nan_weights_are_refused(tmp_path, tiny_ckpt):
     assert_one_line_error(r, "checksum mismatch", "model.safetensors")
 
 
+def test_weights_of_the_wrong_dtype_are_refused(tmp_path):
+    model = tiny_model()
+    state = {k: (v.to(torch.int32) if k == "norm.weight" else v) for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path / "c", state, {"model_args": vars(model.args)})
+    with pytest.raises(ValueError, match="norm.weight is stored as torch.int32"):
+        load_model(tmp_path / "c")
+
+
 def test_quantizing_a_quantized_checkpoint_is_refused(tmp_path, tiny_ckpt):
     q = tmp_path / "q"
     assert run_cli(["quantize.py", "--checkpoint", str(tiny_ckpt), "--mode", "int8", "--out", str(q)]).returncode == 0
