@@ -38,14 +38,14 @@ from speculative import MAX_SPECULATE_K, DraftModel, PromptLookup, speculative_d
 
 # ---------------------------------------------------------------- prefill and decode
 
-def check_token_ids(ids: torch.Tensor, vocab_size: int):
+def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "the prompt"):
     """Token ids the model can embed: an id past its vocabulary (a tokenizer larger than the model's embedding)
     would otherwise fail deep inside the embedding lookup, or silently on a GPU."""
     if ids.numel() == 0:
-        raise ValueError("the prompt is empty (it encodes to no tokens)")
+        raise ValueError(f"{what} is empty (it encodes to no tokens)")
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
-        raise ValueError(f"the prompt has token id {high if high >= vocab_size else low}, outside the model's "
+        raise ValueError(f"{what} has token id {high if high >= vocab_size else low}, outside the model's "
                          f"vocabulary of {vocab_size} tokens: the tokenizer does not belong to this model")
 
 

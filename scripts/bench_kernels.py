@@ -9,7 +9,6 @@ in a real decode step. GB/s = bytes of weights read (packed codes + bf16 scales 
 F.linear) / time, next to the measured device copy bandwidth, which bounds a weight-streaming GEMV.
 Prints a markdown table; "rel err" is the kernel against F.linear on the same weights dequantized to bf16.
 """
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cli import run  # noqa: E402
+from cli import ArgumentParser, positive_int, run  # noqa: E402
 from kernels.packing import dequantize, pack  # noqa: E402
 from kernels.triton_quant import quant_matmul_gemm, quant_matmul_gemv  # noqa: E402
 
@@ -56,18 +55,20 @@ def quantized_weight(k, n, bits, group_size, seed):
     return pack(codes, bits).cuda(), scales.cuda(), zeros.cuda()
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", default="2,3,4")
-    p.add_argument("--group_size", type=int, default=128)
-    p.add_argument("--prefill_m", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=30)
-    a = p.parse_args()
+def main(argv=None):
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--bits", default="2,3,4", help="comma-separated, each 2, 3, 4 or 8")
+    p.add_argument("--group_size", type=positive_int, default=128)
+    p.add_argument("--prefill_m", type=positive_int, default=512)
+    p.add_argument("--repeats", type=positive_int, default=30)
+    a = p.parse_args(argv)
+    if set(a.bits.split(",")) - {"2", "3", "4", "8"}:
+        p.error(f"argument --bits: expected a comma-separated list of 2, 3, 4 or 8, got {a.bits!r}")
+    if any(k % a.group_size for k, _ in SHAPES):
+        p.error(f"argument --group_size: must divide every benchmarked K, {sorted({k for k, _ in SHAPES})}")
     if not torch.cuda.is_available():
         raise ValueError("bench_kernels.py times the Triton kernels on a CUDA GPU, and none is available")
     bits_list = [int(b) for b in a.bits.split(",")]
-    if set(bits_list) - {2, 3, 4, 8}:
-        raise ValueError(f"--bits takes 2, 3, 4 or 8, got {a.bits!r}")
     import triton
 
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")

@@ -26,15 +26,65 @@ from checkpoint import (
     resolve_checkpoint,
     save_quantized,
 )
-from cli import run
+from cli import ArgumentParser, nonempty, positive_int, run
 from eval.data import calibration_batches, corpus_text
 from eval.perplexity import perplexity
+from fileio import TEMP_TAG, atomic_write, check_output_dir
 from generate import compile_fns, generate
-from quantize import QuantFormat, linear_names, quantize_model, resolve_recipe
+from quantize import METHODS, QuantFormat, linear_names, quantize_model, resolve_recipe
 
 DEFAULT_CONFIGS = ("float,int8,int4-g128-asym:rtn,int4-g128-asym:gptq,int4-g128-asym:awq,int4-g64-sym:rtn,"
                    "int3-g128-asym:rtn,int3-g128-asym:gptq,int3-g128-asym:awq,"
                    "int2-g64-asym:rtn,int2-g64-asym:gptq,int2-g64-asym:awq")
+
+
+SCORES = "perplexity.json"  # in the --keep folder, beside one checkpoint folder per config
+
+
+def check_config(config: str) -> str:
+    """A --configs entry, checked before any work: `float`, FORMAT[:METHOD] or recipe:PATH[:METHOD]."""
+    if config == "float":
+        return config
+    spec, _, method = config.removeprefix("recipe:").partition(":")
+    if method and method not in METHODS:
+        raise argparse.ArgumentTypeError(f"{config}: unknown method {method!r} ({', '.join(METHODS)})")
+    if config.startswith("recipe:"):
+        try:
+            recipe = json.loads(Path(spec).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"{config}: cannot read the recipe ({e})") from None
+        if not isinstance(recipe, dict) or not isinstance(recipe.get("layers", {}), dict):
+            raise argparse.ArgumentTypeError(f"{config}: a recipe is a JSON object with 'default' and 'layers' (an "
+                                             "object of {pattern: format})")
+        return config
+    try:
+        QuantFormat.parse(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{config}: {e}") from None
+    return config
+
+
+def config_list(text: str) -> list:
+    return [check_config(c) for c in nonempty(text).split(",")]
+
+
+config_list.__name__ = "config list"
+
+
+def is_bench_folder(folder: Path) -> bool:
+    """An earlier --keep folder: the scores, checkpoints this script quantized, and temps of their writes."""
+    return all(p.name == SCORES or TEMP_TAG in p.name or kept_quantization(p) is not None for p in folder.iterdir())
+
+
+def kept_quantization(out: Path):
+    """The quantization record of a checkpoint an earlier run left in `out`; None (build it again) when it is
+    missing or damaged."""
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    kept = config.get("quantization") if isinstance(config, dict) else None
+    return kept if isinstance(kept, dict) and isinstance(kept.get("seconds"), (int, float)) else None
 
 
 def build(ckpt, config: str, calib, out_dir: Path, quantize_output: bool):
@@ -47,10 +97,9 @@ def build(ckpt, config: str, calib, out_dir: Path, quantize_output: bool):
     spec, _, method = config.removeprefix("recipe:").partition(":")
     method = method or "rtn"
     calibration = f"{calib.shape[0]} x {calib.shape[1]} BoolQ tokens" if method != "rtn" else None
-    if (out / "config.json").is_file():
-        kept = json.loads((out / "config.json").read_text())["quantization"]
-        if kept.get("calibration") == calibration:
-            return out, kept["seconds"]
+    kept = kept_quantization(out)
+    if kept is not None and kept.get("calibration") == calibration:
+        return out, kept["seconds"]
     t0 = time.perf_counter()
     model = load_model(ckpt)
     if hybrid:
@@ -67,16 +116,28 @@ def build(ckpt, config: str, calib, out_dir: Path, quantize_output: bool):
 
 def scores_of(folder, texts: dict, context: int, cache: Path) -> dict:
     """Perplexity per text, remembered in `cache` (JSON) so a rerun does not score a kept checkpoint again."""
-    seen = json.loads(cache.read_text()) if cache.is_file() else {}
+    seen = read_scores(cache)
     weights = Path(folder) / "model.safetensors"  # its time: a checkpoint quantized again is scored again
     key = f"{weights.resolve()}@{weights.stat().st_mtime_ns}|{context}|" + ",".join(f"{n}:{t.numel()}" for n, t in texts.items())
-    if key not in seen:
+    entry = seen.get(key)
+    if not (isinstance(entry, dict) and set(entry) == set(texts)
+            and all(isinstance(v, (int, float)) for v in entry.values())):
         model = load_model(folder)
         seen[key] = {n: perplexity(model, t, context)["ppl"] for n, t in texts.items()}
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(seen, indent=1))
-        tmp.replace(cache)
+        atomic_write(cache, json.dumps(seen, indent=1))
     return seen[key]
+
+
+def read_scores(cache: Path) -> dict:
+    """{key: {text: perplexity}} remembered by earlier runs; a damaged file of ours is scored again."""
+    try:
+        seen = json.loads(cache.read_text()) if cache.is_file() else {}
+    except ValueError:
+        seen = None
+    if not isinstance(seen, dict):
+        print(f"warning: {cache} is damaged; the checkpoints are scored again", file=sys.stderr)
+        return {}
+    return seen
 
 
 def decode_speed(ckpt, prompt, new_tokens, runs) -> float:
@@ -119,24 +180,37 @@ def bits_per_weight(ckpt) -> float:
     return bits / total
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint")
-    p.add_argument("--configs", default=DEFAULT_CONFIGS)
-    p.add_argument("--context", type=int, default=2048)
-    p.add_argument("--max_tokens", type=int, default=None, help="tokens per text (default: whole eval split)")
-    p.add_argument("--calib_samples", type=int, default=128)
-    p.add_argument("--calib_seqlen", type=int, default=512)
+def main(argv=None):
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint", type=nonempty)
+    p.add_argument("--configs", type=config_list, default=DEFAULT_CONFIGS)
+    p.add_argument("--context", type=positive_int, default=2048)
+    p.add_argument("--max_tokens", type=positive_int, default=None, help="tokens per text (default: whole eval split)")
+    p.add_argument("--calib_samples", type=positive_int, default=128)
+    p.add_argument("--calib_seqlen", type=positive_int, default=512)
     p.add_argument("--no_quantize_output", action="store_true", help="keep the output head (and tied embedding) float")
     p.add_argument("--no_speed", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="threads for the decode-speed runs")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--new_tokens", type=int, default=128)
-    p.add_argument("--prompt", default="What is the capital of France?",
+    p.add_argument("--threads", type=positive_int, default=1, help="threads for the decode-speed runs")
+    p.add_argument("--runs", type=positive_int, default=3)
+    p.add_argument("--new_tokens", type=positive_int, default=128)
+    p.add_argument("--prompt", type=nonempty, default="What is the capital of France?",
                    help="chat prompt for the decode-speed runs; each model's greedy answer is printed after the table")
-    p.add_argument("--keep", help="folder to keep the quantized checkpoints and their perplexities in (default: a "
-                                  "temp folder); a rerun reuses them and measures only what is missing, and speed")
-    a = p.parse_args()
+    p.add_argument("--keep", type=nonempty,
+                   help="folder to keep the quantized checkpoints and their perplexities in (default: a temp folder, "
+                        "removed at the end); a rerun reuses them and measures only what is missing, and speed")
+    a = p.parse_args(argv)
+    if a.context < 2:
+        p.error("argument --context: at least 2 tokens (each window predicts its tokens after the first)")
+    if a.max_tokens is not None and a.max_tokens < a.context:
+        p.error(f"argument --max_tokens: {a.max_tokens} tokens is less than one window of --context {a.context}")
+    if a.keep:
+        benchmark(a, check_output_dir(a.keep, is_bench_folder, "benchmark folder"))
+        return
+    with tempfile.TemporaryDirectory(prefix="bitfast-bench-") as tmp:
+        benchmark(a, Path(tmp))
+
+
+def benchmark(a, out_root: Path):
     ckpt = resolve_checkpoint(a.checkpoint)
     tok = load_tokenizer_for(ckpt)
     texts = {}
@@ -146,7 +220,6 @@ def main():
     calib = calibration_batches(tok, a.calib_samples, a.calib_seqlen, "boolq", seed=0)
     prompt = torch.tensor(tok.encode(tok.apply_chat_template([{"role": "user", "content": a.prompt}])),
                           dtype=torch.int)
-    out_root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bitfast-bench-"))
     out_root.mkdir(parents=True, exist_ok=True)
     print(f"model {ckpt} | perplexity: context {a.context}, tokens scored: "
           + ", ".join(f"{n} {(t.numel() // a.context) * (a.context - 1)}" for n, t in texts.items())
@@ -158,10 +231,10 @@ def main():
     answers, speeds = {}, {}
     print("\n| config | bits/weight (linears) | size MB | ppl BoolQ | ppl LAMBADA | decode tok/s | quantize s |")
     print("|---|---|---|---|---|---|---|")
-    for config in a.configs.split(","):
+    for config in a.configs:
         torch.set_num_threads(os.cpu_count())  # quantizing and scoring use every core; decode uses --threads
         q, qtime = build(ckpt, config, calib, out_root, not a.no_quantize_output)
-        ppl = scores_of(q, texts, a.context, out_root / "perplexity.json")
+        ppl = scores_of(q, texts, a.context, out_root / SCORES)
         size = (Path(q) / "model.safetensors").stat().st_size / 1e6
         speed = ""
         if not a.no_speed:

@@ -17,9 +17,7 @@ saved until the budget is met, then any the budget no longer needs go back.
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,8 +32,10 @@ from checkpoint import (
     read_config,
     resolve_checkpoint,
 )
-from cli import run
+from cli import ArgumentParser, nonempty, positive_float, positive_int, run
 from eval.data import corpus_text, load_text_file
+from fileio import atomic_write, check_output_file
+from generate import check_token_ids
 from model import precompute_freqs_cis
 from quantize import QuantFormat, fake_quantize, linear_names
 
@@ -121,29 +121,46 @@ def _layer_order(name: str):
     return (int(parts[1]), name) if name.startswith("layers.") else (math.inf, name)
 
 
-def write_json(path: Path, obj):
-    tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False)
-    with tmp:
-        json.dump(obj, tmp, indent=2)
-    os.replace(tmp.name, path)
+def json_object_with(path: Path, keys: set) -> bool:
+    """Whether `path` holds a JSON object with these keys: how an earlier output of ours is told from a user's file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and keys <= set(data)
+
+
+def quant_format(text: str) -> QuantFormat:
+    try:
+        return QuantFormat.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="float bitfast checkpoint (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--low", default="int2-g64-asym", help="the low-bit format each layer is tested at")
-    p.add_argument("--high", default="int4-g128-asym", help="the format of layers the recipe keeps out of --low")
-    p.add_argument("--budget", type=float, default=3.0, help="average bits per weight of the blocks' linears")
-    p.add_argument("--text_file", help="score this .txt/.jsonl instead of the BoolQ calibration split")
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--max_tokens", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", required=True, help="hybrid recipe JSON to write (the ranked table goes beside it)")
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint", type=nonempty, help="float bitfast checkpoint (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--low", type=quant_format, default="int2-g64-asym",
+                   help="the low-bit format each layer is tested at")
+    p.add_argument("--high", type=quant_format, default="int4-g128-asym",
+                   help="the format of layers the recipe keeps out of --low")
+    p.add_argument("--budget", type=positive_float, default=3.0, help="average bits per weight of the blocks' linears")
+    p.add_argument("--text_file", type=nonempty, help="score this .txt/.jsonl instead of the BoolQ calibration split")
+    p.add_argument("--context", type=positive_int, default=512)
+    p.add_argument("--max_tokens", type=positive_int, default=4096)
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--out", type=nonempty, required=True,
+                   help="hybrid recipe JSON to write (the ranked table goes beside it)")
     a = p.parse_args(argv)
-    low, high = QuantFormat.parse(a.low), QuantFormat.parse(a.high)
-    out = Path(a.out)
-    if not out.parent.is_dir():
-        raise ValueError(f"{out.parent}: output folder does not exist")
+    low, high = a.low, a.high
+    if a.context < 2:
+        p.error("argument --context: at least 2 tokens (each window predicts its tokens after the first)")
+    if a.max_tokens < a.context:
+        p.error(f"argument --max_tokens: {a.max_tokens} tokens is less than one window of --context {a.context}")
+    # Both outputs are checked before the long part; each may only replace an earlier one of its kind.
+    out = check_output_file(a.out, lambda f: json_object_with(f, {"default", "layers"}), "hybrid recipe")
+    table = check_output_file(out.with_suffix(".sensitivity.json"),
+                              lambda f: json_object_with(f, {"base_nll", "delta_nll"}), "sensitivity table")
     if a.threads:
         torch.set_num_threads(a.threads)
     ckpt = resolve_checkpoint(a.checkpoint)
@@ -156,6 +173,7 @@ def main(argv=None):
     text = load_text_file(a.text_file) if a.text_file else corpus_text("boolq", "calibration")
     tok = load_tokenizer_for(ckpt)
     ids = torch.tensor(tok.encode(text, bos=tok.add_bos, allow_special=False))[:a.max_tokens]
+    check_token_ids(ids, model.args.vocab_size, a.text_file or "the BoolQ calibration text")
     n_windows = ids.numel() // a.context
     if n_windows == 0:
         raise ValueError(f"{ids.numel()} tokens is less than one window of context {a.context}")
@@ -172,10 +190,9 @@ def main(argv=None):
         print(f"| {r} | {name} | {d:+.5f} | {math.exp(base + d):.3f} | {'yes' if name in kept else ''} |")
     print(f"\nrecipe: {len(recipe['layers'])} of {len(names)} layers at {low.name}, the rest at {high.name}: "
           f"{bpw:.3f} bits/weight (budget {a.budget}); predicted Δ nll {predicted:+.4f} -> {out}")
-    write_json(out, recipe)
-    write_json(out.with_suffix(".sensitivity.json"),
-               {"checkpoint": str(ckpt), "format": low.name, "tokens": windows.numel(), "context": a.context,
-                "base_nll": base, "delta_nll": delta})
+    atomic_write(out, json.dumps(recipe, indent=2))
+    atomic_write(table, json.dumps({"checkpoint": str(ckpt), "format": low.name, "tokens": windows.numel(),
+                                    "context": a.context, "base_nll": base, "delta_nll": delta}, indent=2))
 
 
 if __name__ == "__main__":
