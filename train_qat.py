@@ -20,12 +20,13 @@ packed checkpoint (model/ unless --out), which generate.py and eval/ load with n
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from checkpoint import (
+    is_checkpoint_dir,
     load_model,
     load_state_dict,
     load_tokenizer_for,
@@ -45,18 +47,20 @@ from checkpoint import (
     resolve_checkpoint,
     save_quantized,
 )
+import cli
 from cli import add_device_args, run, setup_device
-from eval.data import CORPORA, calibration_batches, corpus_text, load_text_file
+from eval.data import CORPORA, calibration_batches, corpus_text, load_text_file, read_jsonl
 from eval.perplexity import perplexity
+from fileio import TEMP_TAG, atomic_dir, atomic_write, check_output_dir, check_output_file, read_json
 from generate import decode_one_token, prefill
-from model import RMSNorm
+from model import ModelArgs, RMSNorm
 from quantize import (
     QuantEmbedding,
     QuantFormat,
     QuantLinear,
     linear_names,
     quantize_model,
-    recipe_from_args,
+    read_recipe,
     resolve_recipe,
     tie_quantized_head,
 )
@@ -66,6 +70,11 @@ RUN_FIELDS = ("checkpoint", "data", "format", "recipe", "init", "calib", "calib_
               "train_scales", "loss", "beta", "beta_windows", "seq_len", "batch_size", "steps", "lr", "warmup",
               "min_lr", "weight_decay", "grad_clip", "seed")
 LOSSES = ("cakld", "fkl", "rkl", "ce")
+INIT_METHODS = ("rtn", "gptq", "awq")
+# What a run writes into its folder (besides temps and an exported checkpoint): a folder holding anything else
+# is not a run folder, and is never written into.
+RUN_FILE = re.compile(r"log\.jsonl|curves\.png|step-\d+|\.step-\d+\..+")
+GEN_DATA_TEXT = ("prompt", "completion", "text")
 
 
 def log_err(msg):
@@ -79,22 +88,63 @@ def source_text(source: str, split: str) -> str:
     return corpus_text(source, split) if source in CORPORA else load_text_file(source)
 
 
-def read_jsonl(path: Path) -> list:
-    """Complete rows of a JSONL file; a torn last line (a run killed mid-write) is cut off the file."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    keep = raw[:raw.rfind(b"\n") + 1]
-    rows = []
-    for n, line in enumerate(keep.splitlines(), 1):
+# Inputs are read with eval.data's readers and never changed. The two JSONL files this tool appends to itself
+# (gen-data's --out, a run's log.jsonl) can end in a line torn by a killed run: only that line is dropped.
+
+def _complete_lines(path: Path) -> tuple:
+    """(complete lines, torn last line or b"") of our own JSONL file. A last line without its newline that parses
+    is complete (written whole, killed before the newline); one that does not parse is torn."""
+    lines = path.read_bytes().split(b"\n")
+    last = lines.pop()
+    if last.strip():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
+            json.loads(last)
+            return lines + [last], b""
+        except ValueError:
+            return lines, last
+    return lines, b""
+
+
+def read_own_jsonl(path: Path) -> list:
+    """(line number, row) of a JSONL file this tool appends to, a torn last line left out; the file is unchanged."""
+    rows = []
+    for n, line in enumerate(_complete_lines(path)[0], 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except ValueError as e:  # also UnicodeDecodeError
             raise ValueError(f"{path}, line {n}: not valid JSON ({e})") from None
-    if len(keep) < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
     return rows
+
+
+def cut_torn_line(path: Path):
+    """Before appending to our own JSONL file: drop a torn last line and end the file with a newline."""
+    lines, torn = _complete_lines(path)
+    whole = b"".join(line + b"\n" for line in lines)
+    if torn or whole != path.read_bytes():
+        atomic_write(path, whole)
+
+
+def _is_token_list(tokens, vocab_size: int) -> bool:
+    return isinstance(tokens, list) and bool(tokens) and all(type(t) is int and 0 <= t < vocab_size for t in tokens)
+
+
+def is_gen_data_file(path: Path) -> bool:
+    """Whether every complete line is a gen-data row: only such a file is continued by gen-data."""
+    try:
+        rows = read_own_jsonl(path)
+    except ValueError:
+        return False
+    return all(isinstance(r, dict) and type(r.get("id")) is int and _is_token_list(r.get("tokens"), float("inf"))
+               and all(isinstance(r.get(k), str) for k in GEN_DATA_TEXT) for _, r in rows)
+
+
+def is_run_dir(folder: Path) -> bool:
+    """A QAT run folder: its log, and only what a run writes (checkpoints, plot, temps, an exported checkpoint)."""
+    return (folder / "log.jsonl").is_file() and all(
+        RUN_FILE.fullmatch(p.name) or (p.name.startswith(".") and TEMP_TAG in p.name)
+        or (p.is_dir() and is_checkpoint_dir(p)) for p in folder.iterdir())
 
 
 # ---------------------------------------------------------------- teacher data
@@ -146,18 +196,15 @@ def continue_batch(model, prompts: torch.Tensor, max_new_tokens: int, stop_ids, 
 
 
 def gen_data(args):
+    out = check_output_file(args.out, is_gen_data_file, "gen-data file")
     dtype = setup_device(args)
     ckpt = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer_for(ckpt)
     batches = prompt_batches(tokenizer, args.source, args.count, args.prompt_tokens, args.chat, args.batch_size)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    for row in read_jsonl(out):
-        done[row.get("id")] = row
+    done = {row["id"]: row for _, row in read_own_jsonl(out)} if out.exists() else {}
     prompts = {i: ids for batch in batches for i, ids in batch}
     for i, row in done.items():
-        if i not in prompts or row.get("tokens", [])[:len(prompts[i])] != prompts[i]:
+        if i not in prompts or row["tokens"][:len(prompts[i])] != prompts[i]:
             raise ValueError(f"{out}: record {i} was written with another source or prompt settings; "
                              "use a new --out or the original settings")
     model = load_model(ckpt, device=args.device, dtype=dtype)
@@ -167,6 +214,9 @@ def gen_data(args):
     todo = [(b, batch) for b, batch in enumerate(batches) if any(i not in done for i, _ in batch)]
     log_err(f"gen-data: {len(prompts)} prompts, {len(prompts) - len(done)} to generate in {len(todo)} batches -> {out}")
     t0, new_tokens = time.perf_counter(), 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        cut_torn_line(out)
     with open(out, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="batch", desc="gen-data") as bar:
         for b, batch in todo:
             torch.manual_seed(args.seed * 1_000_003 + b)  # per batch: a resumed run samples what the first would have
@@ -190,15 +240,21 @@ def gen_data(args):
 
 # ---------------------------------------------------------------- training data
 
-def training_tokens(source: str, tokenizer) -> torch.Tensor:
-    """One token stream: gen-data rows (their exact token ids, eos-terminated), or text from a corpus's
-    calibration split or a user's file."""
+def training_tokens(source: str, tokenizer, vocab_size: int) -> torch.Tensor:
+    """One token stream: gen-data rows (a .jsonl whose rows carry "tokens": their exact token ids, eos-terminated),
+    or text from a corpus's calibration split or a user's file."""
     path = Path(source)
     if source not in CORPORA and path.suffix == ".jsonl" and path.is_file():
         rows = read_jsonl(path)
-        if rows and all(isinstance(r, dict) and isinstance(r.get("tokens"), list) for r in rows):
+        if any("tokens" in row for _, row in rows):
             eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-            ids = [t for r in rows for t in r["tokens"] + (eos if r["tokens"][-len(eos):] != eos else [])]
+            ids = []
+            for line, row in rows:
+                tokens = row.get("tokens")
+                if not _is_token_list(tokens, vocab_size):
+                    raise ValueError(f"{path}, line {line}: expected \"tokens\", a non-empty list of token ids "
+                                     f"from 0 to {vocab_size - 1} (the model's vocabulary), like gen-data writes")
+                ids += tokens + (eos if tokens[-len(eos):] != eos else [])
             return torch.tensor(ids, dtype=torch.long)
     return torch.tensor(tokenizer.encode(source_text(source, "calibration"), allow_special=False), dtype=torch.long)
 
@@ -277,8 +333,7 @@ class HeadEmbedding(nn.Module):
 
 
 def plan_for(args, model) -> dict:
-    recipe = recipe_from_args(argparse.Namespace(mode="hybrid", recipe=args.recipe)) if args.recipe \
-        else {"default": QuantFormat.parse(args.format).name}
+    recipe = read_recipe(args.recipe) if args.recipe else {"default": QuantFormat.parse(args.format).name}
     return resolve_recipe(recipe, linear_names(model))
 
 
@@ -350,37 +405,70 @@ def save_train_state(run_dir: Path, step: int, params: dict, optimizer, meta: di
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     final = run_dir / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=run_dir))
-    try:
+    with atomic_dir(final) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**meta, "step": step, "param_groups": opt["param_groups"]}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
 
 
 def read_train_state(ckpt: Path) -> tuple:
-    """(meta, tensors) of a checkpoint folder, with a clear error for a damaged one."""
-    try:
-        meta = json.loads((ckpt / "state.json").read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{ckpt}: not a training checkpoint (no state.json)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{ckpt}/state.json: corrupt ({e})") from None
+    """(meta, tensors) of a checkpoint folder, with a clear error for a damaged or hand-edited one: meta["config"]
+    holds the run's settings, checked as their flags are."""
+    path = ckpt / "state.json"
+    if not path.is_file():
+        raise ValueError(f"{ckpt}: not a training checkpoint (no state.json)")
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    step = int(ckpt.name[5:])
+    beta = meta.get("beta")
+    checks = {"step": (type(meta.get("step")) is int and meta.get("step") == step, f"{step}, the folder's step"),
+              "beta": (beta is None or type(beta) in (int, float) and 0 <= beta <= 1, "null or a number in [0, 1]"),
+              "data_hash": (isinstance(meta.get("data_hash"), str), "a string"),
+              "param_groups": (isinstance(meta.get("param_groups"), list)
+                               and all(isinstance(g, dict) for g in meta["param_groups"]), "a list of objects"),
+              "config": (isinstance(meta.get("config"), dict), "an object of run settings")}
+    for field, (ok, expected) in checks.items():
+        if not ok:
+            raise ValueError(f"{path}: field {field!r}: expected {expected}, got {meta.get(field)!r}")
+    meta["config"] = saved_settings(meta["config"], path)
     return meta, load_state_dict(ckpt / "state.safetensors")
 
 
+def saved_settings(config: dict, path: Path) -> dict:
+    """The RUN_FIELDS of a saved config, each checked by the type and choices of the train flag that sets it."""
+    # A fresh train parser holds the rules; _actions is argparse's list of them.
+    actions = {a.dest: a for a in add_train_flags(cli.ArgumentParser())._actions}
+    settings = {}
+    for name in RUN_FIELDS:
+        a, v = actions[name], config.get(name)
+        if name not in config:
+            raise ValueError(f"{path}: config has no {name!r}")
+        if a.nargs == 0:  # an on/off flag
+            ok = isinstance(v, bool)
+        elif v is None:
+            ok = a.default is None
+        else:
+            try:
+                parsed = (a.type or str)(str(v))
+            except (argparse.ArgumentTypeError, ValueError):
+                parsed = None
+            ok = parsed == v and isinstance(v, (str, int, float)) and not isinstance(v, bool) \
+                and (a.choices is None or v in a.choices)
+        if not ok:
+            raise ValueError(f"{path}: config {name!r}: {v!r} is not a valid --{name}")
+        settings[name] = v
+    return settings
+
+
 def check_same_run(meta: dict, args, ckpt: Path):
-    saved = meta.get("config", {})
-    differ = [f for f in RUN_FIELDS if saved.get(f) != getattr(args, f)]
+    saved = meta["config"]
+    differ = [f for f in RUN_FIELDS if saved[f] != getattr(args, f)]
     if differ:
         raise ValueError(f"{ckpt} was written by a run with other settings: "
-                         + ", ".join(f"--{f} {saved.get(f)!r} (now {getattr(args, f)!r})" for f in differ[:4]))
+                         + ", ".join(f"--{f} {saved[f]!r} (now {getattr(args, f)!r})" for f in differ[:4]))
 
 
 def load_params(tensors: dict, params: dict, ckpt: Path):
@@ -399,13 +487,20 @@ def restore_train_state(meta: dict, tensors: dict, params: dict, optimizer, ckpt
     state = {}
     for i, n in enumerate(names):
         entries = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim/{n}/")}
+        wrong = [k for k, v in entries.items() if k != "step" and v.shape != params[n].shape]
+        if wrong:
+            raise ValueError(f"{ckpt}: optimizer state {n}/{wrong[0]} has shape {tuple(entries[wrong[0]].shape)}, "
+                             f"not the parameter's {tuple(params[n].shape)}")
         if entries:
             state[i] = entries
     try:
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (KeyError, ValueError) as e:
         raise ValueError(f"{ckpt}: optimizer state does not match this run ({e})") from None
-    torch.set_rng_state(tensors["rng/cpu"])
+    rng = tensors.get("rng/cpu")
+    if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        raise ValueError(f"{ckpt}: no valid random-number state (rng/cpu)")
+    torch.set_rng_state(rng)
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/cuda"])
 
@@ -417,12 +512,22 @@ def append_log(path: Path, row: dict):
         f.write(json.dumps(row) + "\n")
 
 
+def read_log(path: Path) -> list:
+    """A run's log rows (a torn last line left out), checked: plots and resumes read their fields."""
+    rows = []
+    for line, row in read_own_jsonl(path):
+        if not (isinstance(row, dict) and all(type(row.get(k)) is int for k in ("step", "tokens"))
+                and all(type(row.get(k, 0)) in (int, float) for k in ("loss", "eval_ppl"))):
+            raise ValueError(f"{path}, line {line}: not a log row (whole-number \"step\" and \"tokens\", "
+                             "numeric \"loss\" or \"eval_ppl\")")
+        rows.append(row)
+    return rows
+
+
 def truncate_log(path: Path, step: int):
     """On resume: drop the rows a killed run wrote after its last checkpoint (they will be written again)."""
-    rows = [r for r in read_jsonl(path) if r["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    rows = [r for r in read_log(path) if r["step"] <= step]
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def plot_curves(log_path: Path, png: Path, references: dict | None = None, title: str = ""):
@@ -431,7 +536,7 @@ def plot_curves(log_path: Path, png: Path, references: dict | None = None, title
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = read_jsonl(log_path)
+    rows = read_log(log_path)
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_ppl" in r]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -443,10 +548,10 @@ def plot_curves(log_path: Path, png: Path, references: dict | None = None, title
     b.set(xlabel="training tokens", ylabel="held-out perplexity", yscale="log")
     b.legend(fontsize=8)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, png)
+    atomic_write(png, image.getvalue())
 
 
 # ---------------------------------------------------------------- training
@@ -483,7 +588,8 @@ def _train(args, dtype, rank, world, device) -> dict:
         raise ValueError(f"--batch_size {args.batch_size} must split into {world} rank(s) x micro-batches of "
                          f"{args.micro_batch}")
     accum = per_rank // args.micro_batch
-    run_dir = Path(args.run_dir)
+    run_dir = check_output_dir(args.run_dir, is_run_dir, "QAT run folder")
+    out = check_output_dir(args.out or run_dir / "model", is_checkpoint_dir, "checkpoint")
     found = checkpoints(run_dir) if run_dir.is_dir() else []
     if found and not args.resume:
         raise ValueError(f"{run_dir} already holds checkpoints: pass --resume, or use a new --run_dir")
@@ -494,8 +600,17 @@ def _train(args, dtype, rank, world, device) -> dict:
 
     torch.manual_seed(args.seed)
     float_ckpt = resolve_checkpoint(args.checkpoint)
+    if args.init not in INIT_METHODS:
+        resolve_checkpoint(args.init)  # a missing or broken --init folder fails before any model loads
+    model_args = ModelArgs.from_dict(read_config(float_ckpt)["model_args"])
+    lengths = {"--seq_len": args.seq_len, "--eval_context": args.eval_context}
+    if args.init in ("gptq", "awq"):
+        lengths["--calib_seqlen"] = args.calib_seqlen
+    for flag, n in lengths.items():
+        if n > model_args.block_size:
+            raise ValueError(f"{flag} {n} exceeds the model's context of {model_args.block_size} tokens")
     tokenizer = load_tokenizer_for(float_ckpt)
-    tokens = training_tokens(args.data, tokenizer)
+    tokens = training_tokens(args.data, tokenizer, model_args.vocab_size)
     windows = make_windows(tokens, args.seq_len, args.data)
     if windows.shape[0] < args.batch_size:
         raise ValueError(f"{args.data}: {windows.shape[0]} windows of {args.seq_len + 1} tokens, fewer than one "
@@ -505,6 +620,9 @@ def _train(args, dtype, rank, world, device) -> dict:
     if main and args.eval_every:
         text = source_text(args.eval_data, "eval")
         eval_tokens = torch.tensor(tokenizer.encode(text, bos=tokenizer.add_bos, allow_special=False))[:args.eval_tokens]
+        if eval_tokens.numel() < args.eval_context:
+            raise ValueError(f"{args.eval_data}: {eval_tokens.numel()} held-out tokens (--eval_tokens "
+                             f"{args.eval_tokens}), fewer than one --eval_context window of {args.eval_context}")
 
     student, plan = build_student(args, float_ckpt, tokenizer)
     student.to(device)
@@ -611,7 +729,6 @@ def _train(args, dtype, rank, world, device) -> dict:
     summary = {"steps": step, "tokens": step * tokens_per_step, "beta": beta, "seconds": time.perf_counter() - t_start,
                "finished": step == args.steps}
     if main and step == args.steps:
-        out = Path(args.out) if args.out else run_dir / "model"
         export(student, plan, float_ckpt, out, {"method": f"qat-{args.loss}", "init": args.init, "steps": step,
                                                 "tokens": summary["tokens"]})
         plot_curves(log_path, run_dir / "curves.png", title=f"QAT {args.loss}")
@@ -622,6 +739,7 @@ def _train(args, dtype, rank, world, device) -> dict:
 
 def export_run(args):
     """Pack the latest checkpoint of a run (finished or not) into a quantized checkpoint."""
+    out = check_output_dir(args.out, is_checkpoint_dir, "checkpoint")
     run_dir = Path(args.run_dir)
     found = checkpoints(run_dir) if run_dir.is_dir() else []
     if not found:
@@ -631,81 +749,113 @@ def export_run(args):
     float_ckpt = resolve_checkpoint(config.checkpoint)
     student, plan = build_student(config, float_ckpt, load_tokenizer_for(float_ckpt))
     load_params(tensors, {n: p for n, p in student.named_parameters() if p.requires_grad}, found[-1])
-    out = export(student, plan, float_ckpt, args.out, {"method": f"qat-{config.loss}", "init": config.init,
+    export(student, plan, float_ckpt, out, {"method": f"qat-{config.loss}", "init": config.init,
                                                        "steps": meta["step"]})
     print(f"exported {found[-1]} -> {out}")
 
 
 # ---------------------------------------------------------------- CLI
 
+def quant_format(text):
+    """--format: checked at parse time, kept as written (it is a run setting saved as text)."""
+    try:
+        QuantFormat.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+quant_format.__name__ = "format"
+
+
+def add_train_flags(t):
+    t.add_argument("--checkpoint", help="float bitfast checkpoint, the teacher (default: SmolLM2-135M-Instruct)")
+    t.add_argument("--data", default="boolq", type=cli.nonempty,
+                   help="gen-data JSONL | boolq | lambada (calibration split) | .txt/.jsonl")
+    t.add_argument("--format", default="int2-g64-asym", type=quant_format,
+                   help="format of every linear but the head, e.g. int3-g128")
+    t.add_argument("--recipe", help="hybrid recipe JSON (quantize.py's), instead of --format")
+    t.add_argument("--init", default="rtn", type=cli.nonempty,
+                   help="rtn | gptq | awq (computed here) | a quantized checkpoint folder")
+    t.add_argument("--calib", default="boolq", type=cli.nonempty, help="calibration text for --init gptq/awq")
+    t.add_argument("--calib_samples", type=cli.positive_int, default=128)
+    t.add_argument("--calib_seqlen", type=cli.positive_int, default=512)
+    t.add_argument("--train_scales", action="store_true", help="also train the quantization scales (LSQ-style)")
+    t.add_argument("--loss", default="cakld", choices=LOSSES)
+    t.add_argument("--beta", type=cli.nonneg_float, default=None,
+                   help="CAKLD's beta, in [0, 1] (default: the teacher's confidence)")
+    t.add_argument("--beta_windows", type=cli.positive_int, default=16,
+                   help="windows that estimate the teacher's confidence")
+    t.add_argument("--seq_len", type=cli.positive_int, default=512)
+    t.add_argument("--batch_size", type=cli.positive_int, default=8,
+                   help="sequences per optimizer step, over all processes")
+    t.add_argument("--micro_batch", type=cli.positive_int, default=2,
+                   help="sequences per forward pass (gradient accumulation)")
+    t.add_argument("--steps", type=cli.positive_int, default=200)
+    t.add_argument("--lr", type=cli.positive_float, default=1e-4)
+    t.add_argument("--min_lr", type=cli.nonneg_float, default=1e-5)
+    t.add_argument("--warmup", type=cli.nonneg_int, default=10)
+    t.add_argument("--weight_decay", type=cli.nonneg_float, default=0.0)
+    t.add_argument("--grad_clip", type=cli.positive_float, default=1.0)
+    t.add_argument("--seed", type=cli.nonneg_int, default=0)
+    t.add_argument("--activation_checkpointing", action="store_true")
+    t.add_argument("--eval_data", default="boolq", type=cli.nonempty,
+                   help="held-out text: a corpus's eval split, or a file")
+    t.add_argument("--eval_every", type=cli.nonneg_int, default=50,
+                   help="steps between held-out perplexities (0: never)")
+    t.add_argument("--eval_tokens", type=cli.positive_int, default=8192)
+    t.add_argument("--eval_context", type=cli.positive_int, default=512, help="at least 2")
+    t.add_argument("--save_every", type=cli.positive_int, default=50)
+    t.add_argument("--keep_checkpoints", type=cli.positive_int, default=2)
+    t.add_argument("--run_dir", default="out/qat", type=cli.nonempty)
+    t.add_argument("--out", type=cli.nonempty, help="exported quantized checkpoint (default: RUN_DIR/model)")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    t.add_argument("--stop_after", type=cli.positive_int, default=None,
+                   help="stop (with a checkpoint) after this many steps")
+    add_device_args(t)
+    return t
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("gen-data", help="the float model continues prompts from a corpus; appends to a JSONL file")
     g.add_argument("--checkpoint", help="float bitfast checkpoint (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--source", default="boolq", help="boolq | lambada (calibration split) | a .txt/.jsonl file")
-    g.add_argument("--out", required=True, help="JSONL file; an existing one is continued where it stopped")
-    g.add_argument("--count", type=int, default=256, help="number of prompts")
-    g.add_argument("--prompt_tokens", type=int, default=64, help="prompt length (chat: longest paragraph)")
+    g.add_argument("--source", default="boolq", type=cli.nonempty,
+                   help="boolq | lambada (calibration split) | a .txt/.jsonl file")
+    g.add_argument("--out", required=True, type=cli.nonempty,
+                   help="JSONL file; an existing one is continued where it stopped")
+    g.add_argument("--count", type=cli.positive_int, default=256, help="number of prompts")
+    g.add_argument("--prompt_tokens", type=cli.positive_int, default=64,
+                   help="prompt length (chat: longest paragraph)")
     g.add_argument("--chat", action="store_true", help="wrap each paragraph as a user message in the chat template")
-    g.add_argument("--max_new_tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top_k", type=int, default=None)
-    g.add_argument("--top_p", type=float, default=None)
-    g.add_argument("--batch_size", type=int, default=16, help="prompts decoded together")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--max_new_tokens", type=cli.positive_int, default=256)
+    g.add_argument("--temperature", type=cli.nonneg_float, default=0.7, help="0: greedy")
+    g.add_argument("--top_k", type=cli.positive_int, default=None)
+    g.add_argument("--top_p", type=cli.probability, default=None)
+    g.add_argument("--batch_size", type=cli.positive_int, default=16, help="prompts decoded together")
+    g.add_argument("--seed", type=cli.nonneg_int, default=42)
     add_device_args(g)
 
-    t = sub.add_parser("train", help="quantization-aware training of the student against the float teacher")
-    t.add_argument("--checkpoint", help="float bitfast checkpoint, the teacher (default: SmolLM2-135M-Instruct)")
-    t.add_argument("--data", default="boolq", help="gen-data JSONL | boolq | lambada (calibration split) | .txt/.jsonl")
-    t.add_argument("--format", default="int2-g64-asym", help="format of every linear but the head, e.g. int3-g128")
-    t.add_argument("--recipe", help="hybrid recipe JSON (quantize.py's), instead of --format")
-    t.add_argument("--init", default="rtn", help="rtn | gptq | awq (computed here) | a quantized checkpoint folder")
-    t.add_argument("--calib", default="boolq", help="calibration text for --init gptq/awq")
-    t.add_argument("--calib_samples", type=int, default=128)
-    t.add_argument("--calib_seqlen", type=int, default=512)
-    t.add_argument("--train_scales", action="store_true", help="also train the quantization scales (LSQ-style)")
-    t.add_argument("--loss", default="cakld", choices=LOSSES)
-    t.add_argument("--beta", type=float, default=None, help="CAKLD's beta (default: the teacher's confidence)")
-    t.add_argument("--beta_windows", type=int, default=16, help="windows that estimate the teacher's confidence")
-    t.add_argument("--seq_len", type=int, default=512)
-    t.add_argument("--batch_size", type=int, default=8, help="sequences per optimizer step, over all processes")
-    t.add_argument("--micro_batch", type=int, default=2, help="sequences per forward pass (gradient accumulation)")
-    t.add_argument("--steps", type=int, default=200)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--min_lr", type=float, default=1e-5)
-    t.add_argument("--warmup", type=int, default=10)
-    t.add_argument("--weight_decay", type=float, default=0.0)
-    t.add_argument("--grad_clip", type=float, default=1.0)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--activation_checkpointing", action="store_true")
-    t.add_argument("--eval_data", default="boolq", help="held-out text: a corpus's eval split, or a file")
-    t.add_argument("--eval_every", type=int, default=50, help="steps between held-out perplexities (0: never)")
-    t.add_argument("--eval_tokens", type=int, default=8192)
-    t.add_argument("--eval_context", type=int, default=512)
-    t.add_argument("--save_every", type=int, default=50)
-    t.add_argument("--keep_checkpoints", type=int, default=2)
-    t.add_argument("--run_dir", default="out/qat")
-    t.add_argument("--out", help="exported quantized checkpoint (default: RUN_DIR/model)")
-    t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    t.add_argument("--stop_after", type=int, default=None, help="stop (with a checkpoint) after this many steps")
-    add_device_args(t)
+    t = add_train_flags(sub.add_parser("train", help="quantization-aware training of the student against the "
+                                                     "float teacher"))
 
     e = sub.add_parser("export", help="pack a run's latest checkpoint into a quantized checkpoint")
-    e.add_argument("--run_dir", required=True)
-    e.add_argument("--out", required=True)
+    e.add_argument("--run_dir", required=True, type=cli.nonempty)
+    e.add_argument("--out", required=True, type=cli.nonempty)
 
     args = p.parse_args(argv)
-    positive = {"gen-data": ("count", "prompt_tokens", "max_new_tokens", "batch_size"),
-                "train": ("seq_len", "batch_size", "micro_batch", "steps", "warmup", "save_every", "keep_checkpoints",
-                          "beta_windows", "eval_tokens", "eval_context")}
-    for name in positive.get(args.command, ()):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    if args.command == "train" and args.beta is not None and not 0 <= args.beta <= 1:
-        p.error("--beta must be in [0, 1]")
+    if args.command == "train":
+        if args.beta is not None and args.beta > 1:
+            t.error(f"argument --beta: expected a number in [0, 1], got {args.beta}")
+        if args.batch_size % args.micro_batch:
+            t.error(f"--batch_size {args.batch_size} is not a multiple of --micro_batch {args.micro_batch}")
+        if args.eval_context < 2:
+            t.error("argument --eval_context: expected a whole number >= 2 (a window scores tokens 2..N)")
+        run_dir = Path(args.run_dir).resolve()
+        if args.out and (Path(args.out).resolve() == run_dir or Path(args.out).resolve() in run_dir.parents):
+            t.error(f"--out {args.out} would replace the run folder {args.run_dir}; name another folder")
     return args
 
 

@@ -87,11 +87,11 @@ def corpus_text(name: str, split: str = "eval") -> str:
 
 def _read_user_text(path: Path, suffixes: tuple, expected: str) -> str:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     if path.suffix not in suffixes:
         raise ValueError(f"{path}: unsupported file (expected {expected})")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: editors on Windows may start a file with a BOM
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
 
@@ -140,6 +140,8 @@ def calibration_batches(tokenizer, n_samples: int = 128, seq_len: int = 512, sou
                         seed: int = 0) -> torch.Tensor:
     """[n_samples, seq_len] windows starting at random token positions of the calibration text, as GPTQ
     samples C4. `source` is a corpus name (its calibration split) or the path of a user's text file."""
+    if n_samples < 1 or seq_len < 1:
+        raise ValueError(f"calibration needs at least one sample of at least one token, got {n_samples} x {seq_len}")
     text = corpus_text(source, "calibration") if source in CORPORA else load_text_file(source)
     tokens = torch.tensor(tokenizer.encode(text, allow_special=False), dtype=torch.long)
     if tokens.numel() < seq_len + 1:

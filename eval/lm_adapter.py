@@ -51,6 +51,17 @@ class _StopAtStrings:
             raise _StopGeneration
 
 
+def _whole(value, name: str, low: int = 1) -> int:
+    """A model argument (lm-eval passes them as text) as a whole number >= low."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = None
+    if n is None or n < low or str(n) != str(value).strip():
+        raise ValueError(f"model argument {name}: expected a whole number >= {low}, got {value!r}")
+    return n
+
+
 @register_model("bitfast")
 class BitfastLM(LM):
     """`checkpoint` (default: the default model) is loaded with `device`/`dtype`; tests pass `model` and
@@ -75,9 +86,12 @@ class BitfastLM(LM):
         self.model, self.tokenizer = model, tokenizer
         self._device = torch.device(device)
         # lm-eval's "auto" probes memory; a fixed size (max_batch_size, else 16) is predictable on a shared CPU.
-        self.batch_size = int(max_batch_size or 16) if batch_size in (None, "auto") else int(batch_size)
-        self.max_length = int(max_length or min(model.args.block_size, 2048))
-        self.max_batch_tokens = int(max_batch_tokens)
+        self.batch_size = _whole(max_batch_size or 16, "max_batch_size") if batch_size in (None, "auto") \
+            else _whole(batch_size, "batch_size")
+        self.max_length = _whole(max_length or min(model.args.block_size, 2048), "max_length", 2)
+        if self.max_length > model.args.block_size:
+            raise ValueError(f"max_length {self.max_length} exceeds the model's context of {model.args.block_size}")
+        self.max_batch_tokens = _whole(max_batch_tokens, "max_batch_tokens")
         self.compile = str(compile).lower() in ("true", "1")
         self._generate_fns = None
         self.stats = defaultdict(lambda: {"requests": 0, "tokens": 0, "seconds": 0.0})

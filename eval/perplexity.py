@@ -7,7 +7,6 @@ encoded in one piece, with a leading bos only if the tokenizer adds one to promp
     python eval/perplexity.py --corpus boolq --context 2048
     python eval/perplexity.py --checkpoint checkpoints/my-model --text_file notes.txt --max_tokens 50000
 """
-import argparse
 import math
 import sys
 import time
@@ -19,8 +18,9 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint  # noqa: E402
+import cli  # noqa: E402
 from cli import add_device_args, run, setup_device  # noqa: E402
-from eval.data import corpus_text, load_text_file  # noqa: E402
+from eval.data import CORPORA, corpus_text, load_text_file  # noqa: E402
 
 
 @torch.inference_mode()
@@ -47,20 +47,21 @@ def perplexity(model, tokens: torch.Tensor, context: int = 2048, batch_size: int
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", help="bitfast checkpoint folder (default: SmolLM2-135M-Instruct, offline)")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--corpus", default="boolq", help="boolq or lambada: its evaluation split (default: boolq)")
-    source.add_argument("--text_file", help="a .txt file, or .jsonl with a \"text\" field per row, evaluated whole")
-    p.add_argument("--context", type=int, default=2048, help="window length in tokens")
-    p.add_argument("--batch_size", type=int, default=1, help="windows per forward pass")
-    p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens of the stream")
+    source.add_argument("--corpus", default="boolq", choices=list(CORPORA),
+                        help="its evaluation split (default: boolq)")
+    source.add_argument("--text_file", type=cli.nonempty,
+                        help="a .txt file, or .jsonl with a \"text\" field per row, evaluated whole")
+    p.add_argument("--context", type=cli.positive_int, default=2048, help="window length in tokens, at least 2")
+    p.add_argument("--batch_size", type=cli.positive_int, default=1, help="windows per forward pass")
+    p.add_argument("--max_tokens", type=cli.positive_int, default=None,
+                   help="evaluate only the first N tokens of the stream")
     add_device_args(p)
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error("--batch_size must be at least 1")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        p.error("--max_tokens must be at least 1")
+    if args.context < 2:
+        p.error("argument --context: expected a whole number >= 2 (a window scores its tokens 2..N)")
     return args
 
 

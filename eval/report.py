@@ -1,21 +1,24 @@
 """One report for several checkpoints evaluated on the same tasks: report.json (every metric with its standard
 error), report.md (a table with one column per checkpoint), report.png (each task's headline metric against
-model size in MB). Nothing is renamed into place until all three are written.
+model size in MB). All three are made before any is written.
 
 A run is {"checkpoints": [{"name", "path", "size_mb", "tasks": {task: {"metrics": {metric: {"value",
 "stderr"}}, "samples", "seconds", "tokens", "tokens_per_s"}}}], ...run settings}. Each task's metrics start with its
 headline metric (the first one its config lists), the one plotted.
 """
+import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from fileio import TEMP_TAG, atomic_write  # noqa: E402
+
+REPORT_FILES = ("report.json", "report.md", "report.png")
 
 
 def _number(x):
@@ -41,25 +44,6 @@ def metrics_from_lm_eval(task_results: dict, headline: str | None = None) -> dic
         name = metric if filter_name == "none" else f"{metric} ({filter_name})"
         metrics[name] = {"value": _number(value), "stderr": _number(task_results.get(f"{metric}_stderr,{filter_name}"))}
     return metrics
-
-
-def _write_all(files: dict):
-    """{path: write(temp_path)}: every file is written to a temp file beside its target first, and only when
-    all writes succeeded are they renamed into place, so a failure leaves no partial report."""
-    temps = {}
-    try:
-        for path, write in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-            os.close(fd)
-            temps[path] = tmp
-            write(tmp)
-            os.chmod(tmp, 0o644)
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 def _cell(m: dict) -> str:
@@ -113,12 +97,26 @@ def plot(run: dict, path):
     plt.close(fig)
 
 
+def is_report_file(path: Path) -> bool:
+    """A report file, or the temp of one that a killed run left."""
+    return path.is_file() and (path.name in REPORT_FILES
+                               or path.name.startswith(tuple(f".{n}{TEMP_TAG}" for n in REPORT_FILES)))
+
+
+def is_report_dir(folder: Path) -> bool:
+    """An earlier report folder: only report files, which a new report replaces."""
+    return all(map(is_report_file, folder.iterdir()))
+
+
 def write_report(run: dict, out_dir) -> dict:
-    """report.json, report.md and report.png in out_dir; returns their paths."""
+    """report.json, report.md and report.png in out_dir; returns their paths. Check out_dir first
+    (fileio.check_output_dir with is_report_dir)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "plot": out_dir / "report.png"}
-    _write_all({paths["json"]: lambda tmp: Path(tmp).write_text(json.dumps(run, indent=2, allow_nan=False) + "\n"),
-                paths["markdown"]: lambda tmp: Path(tmp).write_text(markdown_table(run)),
-                paths["plot"]: lambda tmp: plot(run, tmp)})
+    image = io.BytesIO()
+    plot(run, image)
+    contents = {"json": json.dumps(run, indent=2, allow_nan=False) + "\n", "markdown": markdown_table(run),
+                "plot": image.getvalue()}
+    paths = dict(zip(contents, (out_dir / name for name in REPORT_FILES)))
+    for key, data in contents.items():
+        atomic_write(paths[key], data)
     return paths

@@ -13,7 +13,6 @@ arc_challenge_offline, piqa_offline, winogrande_offline, mmlu_offline (5-shot), 
 can be downloaded. Every data file is read and checked before a model loads; a bad one stops the run with a
 one-line error and no report.
 """
-import argparse
 import logging
 import os
 import sys
@@ -24,10 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 from checkpoint import resolve_checkpoint  # noqa: E402
 from cli import add_device_args, run, setup_device  # noqa: E402
 from eval.lm_adapter import TASKS_DIR, BitfastLM  # noqa: E402
-from eval.report import markdown_table, metrics_from_lm_eval, write_report  # noqa: E402
+from eval.report import is_report_dir, markdown_table, metrics_from_lm_eval, write_report  # noqa: E402
+from fileio import check_output_dir  # noqa: E402
 from generate import weight_bytes  # noqa: E402
 
 DEFAULT_TASKS = "hellaswag_offline,arc_easy_offline,piqa_offline"
@@ -83,29 +84,34 @@ def evaluate_checkpoint(ckpt: Path, names: list[str], manager, chat: dict, headl
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoints", "--checkpoint", nargs="+", default=[None],
+    p = cli.ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoints", "--checkpoint", nargs="+", type=cli.nonempty, default=[None],
                    help="bitfast checkpoint folders, float or quantized (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated task names (default: {DEFAULT_TASKS})")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task")
-    p.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass when scoring")
-    p.add_argument("--max_length", type=int, default=None, help="longest model input (default: min(context, 2048))")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, type=cli.nonempty,
+                   help=f"comma-separated task names (default: {DEFAULT_TASKS})")
+    p.add_argument("--limit", type=cli.positive_int, default=None,
+                   help="evaluate only the first N documents of each task")
+    p.add_argument("--batch_size", type=cli.positive_int, default=16, help="sequences per forward pass when scoring")
+    p.add_argument("--max_length", type=cli.positive_int, default=None,
+                   help="longest model input, at least 2 (default: min(context, 2048))")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (generation tasks)")
-    p.add_argument("--ifeval_data", help="IFEval's input_data.jsonl for ifeval_offline (default: the project's prompts)")
-    p.add_argument("--safety_data", help="JSONL with user_input/toxicity rows for safety_offline (default: fixture)")
-    p.add_argument("--bootstrap_iters", type=int, default=1000, help="resamples for bootstrapped standard errors")
-    p.add_argument("--out", default="out/eval", help="folder for report.json, report.md, report.png")
+    p.add_argument("--ifeval_data", type=cli.nonempty,
+                   help="IFEval's input_data.jsonl for ifeval_offline (default: the project's prompts)")
+    p.add_argument("--safety_data", type=cli.nonempty,
+                   help="JSONL with user_input/toxicity rows for safety_offline (default: fixture)")
+    p.add_argument("--bootstrap_iters", type=cli.nonneg_int, default=1000,
+                   help="resamples for bootstrapped standard errors (0: none)")
+    p.add_argument("--out", default="out/eval", type=cli.nonempty, help="folder for report.json, report.md, report.png")
     add_device_args(p)
     args = p.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be at least 1")
-    if args.batch_size < 1:
-        p.error("--batch_size must be at least 1")
+    if args.max_length == 1:
+        p.error("argument --max_length: expected a whole number >= 2 (a context and one token to score)")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    check_output_dir(args.out, is_report_dir, "evaluation report folder")
     dtype = setup_device(args)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # lm-eval's per-task notices drown the progress lines
     warnings.filterwarnings("ignore", module="sklearn")  # F1 bootstraps warn on resamples with no positives

@@ -8,13 +8,10 @@ The quantized checkpoints are made with
     python quantize.py --mode int8 --quantize_output --out checkpoints/smollm2-int8
     python quantize.py --mode int4 --groupsize 128 --method rtn --quantize_output --out checkpoints/smollm2-int4-g128
 """
-import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 from datetime import date
 from pathlib import Path
 
@@ -22,8 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
+import cli  # noqa: E402
+from checkpoint import resolve_checkpoint  # noqa: E402
 from cli import run  # noqa: E402
-from eval.report import write_report  # noqa: E402
+from eval.report import is_report_dir, is_report_file, write_report  # noqa: E402
+from fileio import atomic_write, check_output_dir  # noqa: E402
 
 CHECKPOINTS = ("checkpoints/SmolLM2-135M-Instruct", "checkpoints/smollm2-int8", "checkpoints/smollm2-int4-g128")
 TASKS = "hellaswag_offline,arc_easy_offline,piqa_offline"
@@ -54,14 +54,25 @@ def evaluate_in_parallel(args) -> dict:
     return {**runs[0], "checkpoints": [c for r in runs for c in r["checkpoints"]]}
 
 
+def is_bench_dir(folder: Path) -> bool:
+    """An earlier benchmark folder: the merged report's files and one report folder per checkpoint."""
+    return all(is_report_file(p) or p.is_dir() and is_report_dir(p) for p in folder.iterdir())
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoints", nargs="+", default=list(CHECKPOINTS))
-    p.add_argument("--tasks", default=TASKS)
-    p.add_argument("--limit", type=int, default=200)
-    p.add_argument("--out", default="out/bench_eval")
+    p = cli.ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoints", nargs="+", type=cli.nonempty, default=list(CHECKPOINTS))
+    p.add_argument("--tasks", default=TASKS, type=cli.nonempty)
+    p.add_argument("--limit", type=cli.positive_int, default=200)
+    p.add_argument("--out", default="out/bench_eval", type=cli.nonempty)
     p.add_argument("--no_benchmarks_md", action="store_true", help="write the report only, leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
+    names = [Path(c).name for c in args.checkpoints]
+    if len(set(names)) < len(names):  # each checkpoint's report goes to OUT/<its folder name>
+        p.error(f"--checkpoints: two checkpoints share a folder name ({', '.join(names)})")
+    check_output_dir(args.out, is_bench_dir, "benchmark report folder")
+    for c in args.checkpoints:
+        resolve_checkpoint(c)  # a bad one fails here, in one line, before any evaluation starts
     write_report(evaluate_in_parallel(args), args.out)
     if args.no_benchmarks_md:
         return
@@ -75,11 +86,7 @@ def main(argv=None):
             "(lm-eval's order); acc_norm normalizes a choice's log-likelihood by its length in bytes. Chance: "
             "HellaSwag and ARC-Easy 0.25, PIQA 0.5. Plot: `out/bench_eval/report.png` (not committed).\n\n" + table)
     path = ROOT / "BENCHMARKS.md"
-    fd, tmp = tempfile.mkstemp(prefix=".BENCHMARKS.md.", dir=ROOT)
-    with os.fdopen(fd, "w") as f:
-        f.write(replace_section(path.read_text(), HEADING, body))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write(path, replace_section(path.read_text(), HEADING, body))
     print(f"wrote the table into {path}", file=sys.stderr)
 
 

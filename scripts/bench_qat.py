@@ -13,8 +13,6 @@ QAT runs resume from their checkpoints):
 4. losses: CAKLD, forward KL, reverse KL and cross-entropy from the same start at an equal, smaller budget.
 5. training throughput: tokens/s of one optimizer step, fake-quant student vs the float model, median of runs.
 """
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,11 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from bench_quant import build, scores_of
 
+import cli
 import train_qat
-from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint
+from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for, read_config, resolve_checkpoint
 from cli import run
 from eval.data import calibration_batches, corpus_text
+from fileio import TEMP_TAG, check_output_dir, check_output_file
 from quantize import QuantFormat
+
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def ppl_of(folder, tokens, context, cache: Path) -> float:
@@ -46,9 +48,16 @@ def qat_args(a, ckpt, init, run_dir, data, loss, steps, eval_every):
         "--run_dir", str(run_dir), "--resume", "--threads", str(a.threads)])
 
 
+def is_work_dir(folder: Path) -> bool:
+    """An earlier benchmark's work folder: score cache, teacher data, PTQ checkpoints, QAT runs, temps."""
+    return all(p.name in ("perplexity.json", "perplexity.tmp", "teacher.jsonl") and p.is_file()
+               or p.name.startswith(".") and TEMP_TAG in p.name
+               or p.is_dir() and (is_checkpoint_dir(p) or train_qat.is_run_dir(p)) for p in folder.iterdir())
+
+
 def train_seconds(run_dir: Path) -> float:
     """Time spent in optimizer steps (evaluations excluded), summed over every invocation of the run."""
-    rows = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    rows = train_qat.read_log(run_dir / "log.jsonl")
     return sum(r["tokens"] / r["step"] / r["tok_s"] for r in rows if "loss" in r)
 
 
@@ -72,36 +81,47 @@ def step_tok_s(student, teacher, windows, runs: int, dtype) -> float:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--format", default="int2-g64-asym")
-    p.add_argument("--work", default="out/bench_qat", help="folder for checkpoints, data, runs and scores (reused)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval_tokens", type=int, default=4096)
-    p.add_argument("--curve_tokens", type=int, default=2048)
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--calib_samples", type=int, default=64)
-    p.add_argument("--gen_count", type=int, default=48)
-    p.add_argument("--gen_new_tokens", type=int, default=128)
-    p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--micro_batch", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=2)
+    p = cli.ArgumentParser(description=__doc__)
+    p.add_argument("--format", default="int2-g64-asym", type=train_qat.quant_format)
+    p.add_argument("--work", default="out/bench_qat", type=cli.nonempty,
+                   help="folder for checkpoints, data, runs and scores (reused)")
+    p.add_argument("--threads", type=cli.positive_int, default=2)
+    p.add_argument("--eval_tokens", type=cli.positive_int, default=4096)
+    p.add_argument("--curve_tokens", type=cli.positive_int, default=2048)
+    p.add_argument("--context", type=cli.positive_int, default=512, help="perplexity window, at least 2")
+    p.add_argument("--calib_samples", type=cli.positive_int, default=64)
+    p.add_argument("--gen_count", type=cli.positive_int, default=48)
+    p.add_argument("--gen_new_tokens", type=cli.positive_int, default=128)
+    p.add_argument("--seq_len", type=cli.positive_int, default=256)
+    p.add_argument("--batch_size", type=cli.positive_int, default=2)
+    p.add_argument("--micro_batch", type=cli.positive_int, default=2)
+    p.add_argument("--lr", type=cli.positive_float, default=2e-3)
+    p.add_argument("--warmup", type=cli.nonneg_int, default=2)
     p.add_argument("--fixed_scales", action="store_true", help="do not train the quantization scales")
-    p.add_argument("--dtype", default="bf16", help="QAT compute dtype (bf16: autocast; the weights stay float32)")
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--eval_every", type=int, default=8)
-    p.add_argument("--losses", default="cakld,fkl,ce")
-    p.add_argument("--loss_steps", type=int, default=6)
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "bfloat16", "fp32", "float32"),
+                   help="QAT compute dtype (bf16: autocast; the weights stay float32)")
+    p.add_argument("--steps", type=cli.positive_int, default=24)
+    p.add_argument("--eval_every", type=cli.nonneg_int, default=8)
+    p.add_argument("--losses", default="cakld,fkl,ce", help=f"comma-separated, of {', '.join(train_qat.LOSSES)}")
+    p.add_argument("--loss_steps", type=cli.positive_int, default=6)
     p.add_argument("--no_speed", action="store_true")
-    p.add_argument("--plot", default=None, help="default: docs/qat_FORMAT.png")
+    p.add_argument("--plot", default=None, type=cli.nonempty, help="default: docs/qat_FORMAT.png")
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    unknown = [x for x in a.losses.split(",") if x not in train_qat.LOSSES] if a.losses else []
+    if unknown:
+        p.error(f"argument --losses: unknown loss {unknown[0]!r} (choose from {', '.join(train_qat.LOSSES)})")
+    if a.batch_size % a.micro_batch:
+        p.error(f"--batch_size {a.batch_size} is not a multiple of --micro_batch {a.micro_batch}")
+    if a.context < 2:
+        p.error("argument --context: expected a whole number >= 2")
     fmt = QuantFormat.parse(a.format)
-    work = Path(a.work)
+    work = check_output_dir(a.work, is_work_dir, "QAT benchmark work folder")
+    plot = check_output_file(a.plot or f"docs/qat_{fmt.name}.png", lambda f: f.read_bytes()[:8] == PNG, "plot")
+    torch.set_num_threads(a.threads)
     work.mkdir(parents=True, exist_ok=True)
     scores = work / "perplexity.json"
     ckpt = resolve_checkpoint(None)
+    vocab_size = read_config(ckpt)["model_args"]["vocab_size"]
     tok = load_tokenizer_for(ckpt)
     stream = torch.tensor(tok.encode(corpus_text("boolq", "eval"), bos=tok.add_bos, allow_special=False))
     tokens, short = stream[:a.eval_tokens], stream[:a.curve_tokens]
@@ -126,7 +146,7 @@ def main():
     data = work / "teacher.jsonl"
     train_qat.main(["gen-data", "--out", str(data), "--count", str(a.gen_count), "--prompt_tokens", "64",
                     "--max_new_tokens", str(a.gen_new_tokens), "--threads", str(a.threads)])
-    data_tokens = train_qat.training_tokens(str(data), tok).numel()
+    data_tokens = train_qat.training_tokens(str(data), tok, vocab_size).numel()
 
     # 3. the main QAT run
     main_dir = work / f"qat-{fmt.name}-cakld"
@@ -143,8 +163,6 @@ def main():
     print("|---|---|---|---|")
     for name, cost, ppl in rows:
         print(f"| {name} | {cost} | {ppl:.2f} | {ppl / float_ppl:.2f} |")
-    plot = Path(a.plot or f"docs/qat_{fmt.name}.png")
-    plot.parent.mkdir(parents=True, exist_ok=True)
     train_qat.plot_curves(main_dir / "log.jsonl", plot, {"float": ppl_of(ckpt, short, a.context, scores)},
                           title=f"{ckpt.name} {fmt.name}: QAT (CAKLD) from PTQ {best.upper()}")
     print(f"\ncurve: {plot} (held-out perplexity on the first {a.curve_tokens} tokens, {a.dtype}, every "
@@ -167,7 +185,7 @@ def main():
 
     # 5. throughput
     if not a.no_speed:
-        windows = train_qat.make_windows(train_qat.training_tokens(str(data), tok), a.seq_len, data)[:1]
+        windows = train_qat.make_windows(train_qat.training_tokens(str(data), tok, vocab_size), a.seq_len, data)[:1]
         teacher = load_model(ckpt).requires_grad_(False)
         student, _ = train_qat.build_student(qat_args(a, ckpt, ptq[best][0], work / "unused", data, "cakld", 1, 0),
                                              ckpt, tok)

@@ -186,7 +186,7 @@ def test_cli_on_a_text_file_matches_the_function(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--text_file", "/nonexistent.txt"], "no such file"),
-    (["--corpus", "c4"], "unknown corpus 'c4'"),
+    (["--corpus", "c4"], "argument --corpus: invalid choice: 'c4'"),
     (["--text_file", "{sample}", "--context", "9000"], "exceeds the model's block_size 8192"),
 ])
 def test_cli_bad_input_is_one_line(args, message, tmp_path):

@@ -244,7 +244,7 @@ def test_gen_data_continues_an_interrupted_file_to_the_same_records(files, tmp_p
     lines = (tmp_path / "whole.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "cut.jsonl").write_text("".join(lines[:4]) + lines[4][:15])  # killed mid-line, mid-batch
     assert gen(tmp_path / "cut.jsonl", 7) == whole
-    tokens = train_qat.training_tokens(str(tmp_path / "cut.jsonl"), load_tokenizer_for(files / "tiny"))
+    tokens = train_qat.training_tokens(str(tmp_path / "cut.jsonl"), load_tokenizer_for(files / "tiny"), TINY["vocab_size"])
     assert tokens.numel() >= sum(len(r["tokens"]) for r in whole.values())
     with pytest.raises(ValueError, match="another source or prompt settings"):
         train_qat.main(["gen-data", "--checkpoint", str(files / "tiny"), "--source", str(files / "heldout.txt"),
@@ -282,7 +282,7 @@ def test_bad_resume_checkpoints_and_settings_fail_clearly(files, tmp_path):
     with pytest.raises(ValueError, match="unreadable or truncated"):
         train_qat.train(train_args(files, tmp_path / "run", "--resume"))
     (state.parent / "state.json").write_text("{not json")
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match="malformed JSON"):
         train_qat.train(train_args(files, tmp_path / "run", "--resume"))
 
 
