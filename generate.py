@@ -290,6 +290,8 @@ def parse_args(argv=None):
     add_device_args(p)
     p.add_argument("--max_seq_length", type=positive_int, default=None,
                    help="KV cache length (default: fits the request)")
+    p.add_argument("--skip_checksum", action="store_true",
+                   help="load checkpoints whose files no longer match the sha256 their config.json recorded")
     s = p.add_argument_group("faster generation")
     s.add_argument("--prompt_lookup", action="store_true",
                    help="prompt-lookup decoding: propose continuations of n-grams found in the prompt and output")
@@ -336,9 +338,11 @@ def load_speculator(args, model, tokenizer, dtype):
         return None
     draft_ckpt = resolve_checkpoint(args.draft_checkpoint)
     probe = "The quick brown fox, 3.14 <|im_start|> naïve"
-    if load_tokenizer_for(draft_ckpt).encode(probe) != tokenizer.encode(probe):
+    verify = not args.skip_checksum
+    if load_tokenizer_for(draft_ckpt, verify).encode(probe) != tokenizer.encode(probe):
         raise ValueError(f"{draft_ckpt}: the draft model's tokenizer differs from the model's")
-    draft = load_model(draft_ckpt, device=args.device, dtype=DTYPES[args.draft_dtype] if args.draft_dtype else dtype)
+    draft = load_model(draft_ckpt, device=args.device, dtype=DTYPES[args.draft_dtype] if args.draft_dtype else dtype,
+                       verify=verify)
     if draft.args.vocab_size != model.args.vocab_size:
         raise ValueError(f"{draft_ckpt}: the draft model has a vocabulary of {draft.args.vocab_size} tokens, the "
                          f"model {model.args.vocab_size}: a draft must share the model's vocabulary")
@@ -356,8 +360,8 @@ def main(argv=None):
     if args.profile:
         check_output_dir(args.profile, is_profile_dir, "profile")
     ckpt = resolve_checkpoint(args.checkpoint)
-    tokenizer = load_tokenizer_for(ckpt)
-    model = load_model(ckpt, device=args.device, dtype=dtype)
+    tokenizer = load_tokenizer_for(ckpt, verify=not args.skip_checksum)
+    model = load_model(ckpt, device=args.device, dtype=dtype, verify=not args.skip_checksum)
     if args.max_seq_length and args.max_seq_length > model.args.block_size:
         raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the model's context of "
                          f"{model.args.block_size} tokens")

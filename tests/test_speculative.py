@@ -259,9 +259,9 @@ def test_cli_prompt_lookup_prints_the_same_text_and_its_acceptance():
 
 @pytest.mark.parametrize("args,message", [
     (["--prompt_lookup", "--draft_checkpoint", "x"], "choose one"),
-    (["--speculate_k", "0"], "at least 1"),
+    (["--speculate_k", "0"], "argument --speculate_k"),
     (["--draft_checkpoint", "/nonexistent"], "not a bitfast checkpoint"),
-    (["--prompt_file", "/nonexistent"], "no such prompt file"),
+    (["--prompt_file", "/nonexistent"], "cannot read --prompt_file"),
 ])
 def test_cli_bad_speculation_input_is_one_clear_line(args, message):
     r = run_generate(*args)
