@@ -29,9 +29,9 @@ from checkpoint import (
 from cli import ArgumentParser, nonempty, positive_int, run
 from eval.data import calibration_batches, corpus_text
 from eval.perplexity import perplexity
-from fileio import TEMP_TAG, atomic_write, check_output_dir
+from fileio import TEMP_TAG, atomic_write, check_output_dir, read_json
 from generate import compile_fns, generate
-from quantize import METHODS, QuantFormat, linear_names, quantize_model, resolve_recipe
+from quantize import METHODS, QuantFormat, check_recipe, linear_names, quantize_model, resolve_recipe
 
 DEFAULT_CONFIGS = ("float,int8,int4-g128-asym:rtn,int4-g128-asym:gptq,int4-g128-asym:awq,int4-g64-sym:rtn,"
                    "int3-g128-asym:rtn,int3-g128-asym:gptq,int3-g128-asym:awq,"
@@ -50,12 +50,11 @@ def check_config(config: str) -> str:
         raise argparse.ArgumentTypeError(f"{config}: unknown method {method!r} ({', '.join(METHODS)})")
     if config.startswith("recipe:"):
         try:
-            recipe = json.loads(Path(spec).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise argparse.ArgumentTypeError(f"{config}: cannot read the recipe ({e})") from None
-        if not isinstance(recipe, dict) or not isinstance(recipe.get("layers", {}), dict):
-            raise argparse.ArgumentTypeError(f"{config}: a recipe is a JSON object with 'default' and 'layers' (an "
-                                             "object of {pattern: format})")
+            check_recipe(read_json(spec))
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"{config}: cannot read the recipe {spec} ({e.strerror})") from None
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{config}: {e}") from None
         return config
     try:
         QuantFormat.parse(spec)
