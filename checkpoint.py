@@ -140,7 +140,7 @@ def verify_checksums(ckpt_dir, config: dict, names=None):
             path = Path(ckpt_dir) / name
             if path.is_file() and sha256_file(path) != want:
                 raise ValueError(f"{path}: checksum mismatch (the file changed or is corrupt since it was written); "
-                                 "--skip_checksum loads it anyway")
+                                 "generate.py --skip_checksum loads it anyway")
 
 
 def load_model(ckpt_dir, device="cpu", dtype=torch.float32, verify: bool = True) -> Transformer:

@@ -104,7 +104,7 @@ def test_compiled_generation_equals_eager():
 @pytest.mark.parametrize("args,message", [
     (["--checkpoint", "/nonexistent"], "not a bitfast checkpoint"),
     (["--prompt", "word " * 9000], "exceeds the context"),
-    (["--max_new_tokens", "0"], "at least 1"),
+    (["--max_new_tokens", "0"], "--max_new_tokens: expected a whole number >= 1"),
     (["--no-such-option"], "unrecognized arguments"),
 ])
 def test_generate_bad_input_is_one_clear_line(args, message):
