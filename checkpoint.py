@@ -8,7 +8,6 @@ Loading validates config.json field by field, verifies the checksums and refuses
 import importlib.util
 import json
 import math
-import mmap
 import os
 import re
 import zipfile
@@ -19,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fileio import atomic_dir, check_output_dir, read_json, sha256_file
+from memory import into_fresh_memory
 from model import Linear, ModelArgs, Transformer, float_linear, rope_frequencies
 from quantize import QuantFormat, linear_names, quantized_linear_factory, recipe_from_plan, tie_quantized_head
 
@@ -169,7 +169,7 @@ def load_model(ckpt_dir, device="cpu", dtype=torch.float32, verify: bool = True)
     for k, v in state.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"{ckpt_dir}: tensor {k} holds NaN or Inf values; the checkpoint is corrupt")
-    state = _into_fresh_memory(state, device, dtype)
+    state = into_fresh_memory(state, device, dtype)
     model.load_state_dict(state, assign=True)
     if args.tie_embeddings and isinstance(model.output, Linear):
         model.output.weight = model.tok_embeddings.weight
@@ -182,37 +182,6 @@ def _check_layer_count(state: dict, args: ModelArgs, source):
     stored = {int(m.group(1)) for k in state for m in [re.match(r"layers\.(\d+)\.", k)] if m}
     if len(stored) != args.n_layer:
         raise ValueError(f"{source}: config.json says n_layer={args.n_layer}, the weights hold {len(stored)} blocks")
-
-
-HUGE_PAGE = 2 << 20
-
-
-def _into_fresh_memory(state: dict, device, dtype) -> dict:
-    """The loaded tensors on `device`, floats in `dtype`. On CPU they are copied side by side into one block of
-    anonymous memory that asks Linux for 2 MB transparent huge pages. Decode streams every weight once per token,
-    and with 4 KB pages each page costs a TLB miss and a restart of the hardware prefetcher (scratch A/B, 1 thread:
-    compiled bf16 decode 58 -> 67 tok/s; a plain C++ pass over 113 MB read 17 -> 28 GB/s). Tensors straight from
-    safetensors map the file, at any byte alignment, which the CPU int8/int4 kernels crash on; the copy fixes that."""
-    want = {k: dtype if v.is_floating_point() else v.dtype for k, v in state.items()}
-    if torch.device(device).type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return {k: v.to(device=device, dtype=want[k], copy=True) for k, v in state.items()}
-    first = {}  # tied tensors (embedding and head) appear twice in state: copy them once
-    for k, v in state.items():
-        first.setdefault(id(v), k)
-    nbytes = {k: state[k].numel() * want[k].itemsize for k in first.values()}
-    spans = {k: -(-n // 64) * 64 for k, n in nbytes.items()}  # each tensor starts 64-byte aligned
-    block = mmap.mmap(-1, sum(spans.values()) + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # shared memory gets no THP
-    try:
-        block.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # a kernel built without transparent huge pages: 4 KB pages, still one aligned block
-        pass
-    raw = torch.frombuffer(block, dtype=torch.uint8)  # the tensors keep the block alive
-    offset = -raw.data_ptr() % HUGE_PAGE
-    copies = {}
-    for k, span in spans.items():
-        copies[k] = raw[offset:offset + nbytes[k]].view(want[k]).view(state[k].shape).copy_(state[k])
-        offset += span
-    return {k: copies[first[id(v)]] for k, v in state.items()}
 
 
 def quant_plan(config: dict) -> dict:

@@ -1,9 +1,11 @@
 """Where decode time goes: a torch.profiler trace of decode steps and a table of the time per layer type
-(linears by weight format, attention, norms and RoPE, sampling, the rest).
+(linears by weight format, attention, norms and RoPE, sampling, the rest); and the speed report every generation
+prints (weights streamed, tokens/s, achieved bandwidth, peak memory).
 
 Layers are labelled with forward hooks, so the model runs eagerly here: a compiled graph fuses layers into
 kernels that no longer belong to one of them. The table therefore shows the eager split of the work.
 """
+import resource
 import tempfile
 import time
 from collections import defaultdict
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler import record_function
 
+from decoding import GenerationStats
 from fileio import TEMP_TAG, atomic_write
 from model import Attention, KVCache, Linear, RMSNorm, Transformer
 from quantize import QuantLinear
@@ -118,3 +121,32 @@ def _table(events, steps: int, wall: float) -> str:
         n = f"{calls[k] / steps:.0f}" if calls[k] else "-"
         lines.append(f"| {k} | {n} | {ms[k] / steps:.2f} | {share:.0f}% |")
     return "\n".join(lines)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step streams (shared tensors counted once; KV caches excluded)."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + [b for n, b in model.named_buffers()
+                                          if not n.endswith(("k_cache", "v_cache", "freqs_cis", "causal_mask"))]
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def peak_memory_bytes(device) -> int:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def speed_report(stats: GenerationStats, model_bytes: int, device) -> str:
+    tps = stats.decode_tokens_per_s
+    extra = f" ({stats.cached_tokens} from the prefill cache)" if stats.cached_tokens else ""
+    if stats.proposed:
+        extra += (f" | speculation kept {stats.accepted} of {stats.proposed} proposed tokens "
+                  f"({100 * stats.acceptance_rate:.0f}%)")
+    return (f"prompt {stats.prompt_tokens} tok{extra} | time to first token {stats.time_to_first_token * 1000:.1f} ms"
+            f" | decode {stats.new_tokens} tok at {tps:.1f} tok/s | model {model_bytes / 1e6:.1f} MB | "
+            f"bandwidth {model_bytes * tps / 1e9:.2f} GB/s | peak memory {peak_memory_bytes(device) / 1e9:.2f} GB")

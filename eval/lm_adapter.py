@@ -28,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 
 from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint  # noqa: E402
 from cli import DTYPES  # noqa: E402
-from generate import compile_fns, decode_one_token, generate, prefill  # noqa: E402
+from decoding import compile_fns, decode_one_token, generate, prefill  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 

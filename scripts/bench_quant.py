@@ -30,7 +30,7 @@ from cli import ArgumentParser, nonempty, positive_int, run
 from eval.data import calibration_batches, corpus_text
 from eval.perplexity import perplexity
 from fileio import TEMP_TAG, atomic_write, check_output_dir, read_json
-from generate import compile_fns, generate
+from decoding import compile_fns, generate
 from quantize import METHODS, QuantFormat, check_recipe, linear_names, quantize_model, resolve_recipe
 
 DEFAULT_CONFIGS = ("float,int8,int4-g128-asym:rtn,int4-g128-asym:gptq,int4-g128-asym:awq,int4-g64-sym:rtn,"

@@ -35,7 +35,7 @@ from checkpoint import (
 from cli import ArgumentParser, nonempty, positive_float, positive_int, run
 from eval.data import corpus_text, load_text_file
 from fileio import atomic_write, check_output_file
-from generate import check_token_ids
+from decoding import check_token_ids
 from model import precompute_freqs_cis
 from quantize import QuantFormat, fake_quantize, linear_names
 

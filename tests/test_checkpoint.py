@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from checkpoint import (
-    HUGE_PAGE,
     convert_gguf,
     convert_hf,
     load_model,
@@ -19,6 +18,7 @@ from checkpoint import (
     read_config,
     save_checkpoint,
 )
+from memory import HUGE_PAGE
 from tests.test_model import tiny_model
 from tests.tiny import save_tiny
 

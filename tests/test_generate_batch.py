@@ -3,7 +3,7 @@ gives that prompt alone (eager, and compiled through the C++ few-token CPU kerne
 import pytest
 import torch
 
-from generate import compile_step, decode_one_token, generate, generate_batch
+from decoding import compile_step, decode_one_token, generate, generate_batch
 from tests.test_model import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from generate import decode_one_token, generate, prefill, sample
+from decoding import decode_one_token, generate, prefill
+from sampling import sample
 from model import CONFIGS, ModelArgs, Transformer, rope_frequencies
 
 TINY = dict(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=96, vocab_size=101, block_size=64)

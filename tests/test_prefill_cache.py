@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from generate import generate
+from decoding import generate
 from prefill_cache import PrefillCache, model_fingerprint
 from tests.test_default_model import run_generate
 from tests.test_model import tiny_model

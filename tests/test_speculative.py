@@ -3,7 +3,7 @@ against exact distributions (chi-square on a tiny vocabulary, with a wrong rule 
 import pytest
 import torch
 
-from generate import compile_step, decode_one_token, generate
+from decoding import compile_step, decode_one_token, generate
 from sampling import accept_draft, logits_to_probs
 from speculative import DraftModel, PromptLookup, speculative_decode, verify
 from tests.test_default_model import run_generate
