@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from kernels import cpu as cpu_kernels
 from kernels.dispatch import dense_gemv_fits, few_query_attention_fits
+from kernels.formats import FEW_ROWS
 
 
 @dataclass
@@ -119,11 +120,9 @@ CONFIGS = {
 }
 
 
-FEW_TOKENS = 8  # up to this many tokens per forward (decode, speculative verify, small batches): fused CPU path
-
-
 def few_tokens_on_compiled_cpu(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.shape[:-1].numel() <= FEW_TOKENS and torch.compiler.is_compiling()
+    """Up to FEW_ROWS tokens per forward (decode, speculative verify, small batches): the fused CPU path."""
+    return x.device.type == "cpu" and x.shape[:-1].numel() <= FEW_ROWS and torch.compiler.is_compiling()
 
 
 class Linear(nn.Linear):

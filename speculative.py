@@ -14,12 +14,12 @@ Greedy decoding returns exactly plain greedy's tokens; sampling returns exactly 
 """
 import torch
 
-from model import FEW_TOKENS
+from kernels.formats import FEW_ROWS
 from sampling import accept_draft, logits_to_probs
 
-# A verify step scores k+1 tokens; up to FEW_TOKENS rows it runs the kernels that score exactly like decode, so
+# A verify step scores k+1 tokens; up to FEW_ROWS rows it runs the kernels that score exactly like decode, so
 # greedy speculation returns plain greedy's tokens. Beyond, a different kernel could change a close argmax.
-MAX_SPECULATE_K = FEW_TOKENS - 1
+MAX_SPECULATE_K = FEW_ROWS - 1
 
 
 def verify(model, tokens, input_pos):

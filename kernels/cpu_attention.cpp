@@ -46,7 +46,7 @@ inline __m512 hsum16(__m512* v) {
 }
 
 // Masked loads and stores only where a row or a chunk ends: on this CPU class they cost enough that masking every
-// access made the whole attention ~1.4x slower (head_dim 64, scratch microbenchmark). The full 16-lane steps come
+// access made the whole attention measurably slower (head_dim 64, scratch microbenchmark). The full 16-lane steps come
 // first, without a mask, then one masked tail.
 inline void store16(float* p, int64_t left, __m512 v) {
   if (left >= 16) _mm512_storeu_ps(p, v);

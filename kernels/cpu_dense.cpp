@@ -1,8 +1,9 @@
-// Few-row CPU matrix-vector products with dense fp32 or bf16 weights: y[m, n] = sum_k x[m, k] * w[n, k], M <= 8.
+// Few-row CPU matrix-vector products with dense fp32 or bf16 weights: y[m, n] = sum_k x[m, k] * w[n, k],
+// M <= BITFAST_MAX_ROWS (kernels/formats.py FEW_ROWS, passed by kernels/cpu.py's build).
 //
 // What a float model's decode (M = 1) and speculative verify (M = k + 1 tokens) spend their time in. One row of W
 // at a time, all rows of x against it: a single sequential stream of W is what this class of CPU prefetches best
-// (reading 4 rows of W side by side ran at half the bandwidth), and x stays in L1. bf16 uses vdpbf16ps (32
+// (reading 4 rows of W side by side ran at a fraction of the bandwidth), and x stays in L1. bf16 uses vdpbf16ps (32
 // products per instruction, twice the fp32 FMA rate), so a 4-row verify stays close to memory-bound where an fp32
 // loop becomes compute-bound.
 //
@@ -23,7 +24,11 @@
 namespace {
 
 using bf16 = c10::BFloat16;
-constexpr int64_t kMaxRows = 8;
+#ifndef BITFAST_MAX_ROWS
+#error "BITFAST_MAX_ROWS (kernels/formats.py FEW_ROWS) must be defined: kernels/cpu.py's build passes it"
+#endif
+constexpr int64_t kMaxRows = BITFAST_MAX_ROWS;
+static_assert(kMaxRows >= 1, "BITFAST_MAX_ROWS must be at least 1");
 constexpr int64_t kPrefetchBytes = 16384;
 
 #ifdef BITFAST_DENSE_AVX512
@@ -55,8 +60,8 @@ void dot_rows(const T* x, const T* wr, int64_t K, int64_t N, T* y) {
   int64_t k = 0;
   for (; k + 2 * S::L <= K; k += 2 * S::L) {
     // From 3 rows of x, both cache lines of this step kPrefetchBytes ahead into L2: the work per line leaves
-    // too few loads in flight for the hardware stream alone (bf16, 4 rows, scratch microbenchmark: W read at
-    // 15-22 GB/s against 26-28 for 1 row; 23-30 with this). At 1-2 rows the extra instructions only cost.
+    // too few loads in flight for the hardware stream alone (bf16, 4 rows, scratch microbenchmark: W read well
+    // below the 1-row bandwidth without it, about at it with it). At 1-2 rows the extra instructions only cost.
     if constexpr (M >= 3) {
       const char* ahead = reinterpret_cast<const char*>(wr + k) + kPrefetchBytes;
       _mm_prefetch(ahead, _MM_HINT_T1);
@@ -109,23 +114,18 @@ void run(const T* x, const T* w, int64_t K, int64_t N, T* y) {
                    [&](int64_t n0, int64_t n1) { rows<M>(x, w, K, N, n0, n1, y); });
 }
 
-template <typename T>
+// run<M> for 1 <= M <= Max: one instantiation per row count up to kMaxRows.
+template <int Max, typename T>
 void run_rows(int64_t M, const T* x, const T* w, int64_t K, int64_t N, T* y) {
-  switch (M) {
-    case 1: return run<1>(x, w, K, N, y);
-    case 2: return run<2>(x, w, K, N, y);
-    case 3: return run<3>(x, w, K, N, y);
-    case 4: return run<4>(x, w, K, N, y);
-    case 5: return run<5>(x, w, K, N, y);
-    case 6: return run<6>(x, w, K, N, y);
-    case 7: return run<7>(x, w, K, N, y);
-    default: return run<8>(x, w, K, N, y);
+  if constexpr (Max > 1) {
+    if (M < Max) return run_rows<Max - 1>(M, x, w, K, N, y);
   }
+  return run<Max>(x, w, K, N, y);
 }
 
 }  // namespace
 
-// x [..., K] with at most 8 rows, w [N, K] of x's dtype -> [..., N]; the schema is defined in kernels/cpu.py.
+// x [..., K] with at most kMaxRows rows, w [N, K] of x's dtype -> [..., N]; the schema is defined in kernels/cpu.py.
 at::Tensor dense_gemv(const at::Tensor& x_in, const at::Tensor& weight) {
   TORCH_CHECK(x_in.device().is_cpu() && weight.device().is_cpu(), "dense_gemv: x and w must be CPU tensors");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
@@ -144,9 +144,9 @@ at::Tensor dense_gemv(const at::Tensor& x_in, const at::Tensor& weight) {
   at::Tensor y = at::empty(y_shape, x.options());
   if (M == 0) return y;
   if (x.scalar_type() == at::kFloat) {
-    run_rows(M, x.data_ptr<float>(), w.data_ptr<float>(), K, N, y.data_ptr<float>());
+    run_rows<kMaxRows>(M, x.data_ptr<float>(), w.data_ptr<float>(), K, N, y.data_ptr<float>());
   } else {
-    run_rows(M, x.data_ptr<bf16>(), w.data_ptr<bf16>(), K, N, y.data_ptr<bf16>());
+    run_rows<kMaxRows>(M, x.data_ptr<bf16>(), w.data_ptr<bf16>(), K, N, y.data_ptr<bf16>());
   }
   return y;
 }

@@ -1,15 +1,15 @@
 """One function picks the kernel for a quantized matmul by format x device x batch; two say when a float Linear
 and the attention of a few query tokens take the C++ CPU kernels.
 
-Weights arrive as QuantLinear stores them: `qweight` packed codes (uint8; int8 for 8-bit, already
-offset to signed), `scales`/`zeros` per group ([N, G]; zeros None = symmetric, 2^(bits-1))."""
+Weights arrive as QuantLinear stores them: `qweight` packed codes (uint8; int8 where the format table says
+stored_signed, already offset to signed), `scales`/`zeros` per group ([N, G]; zeros None = symmetric, 2^(bits-1)).
+Which kernel serves which bit width is read from kernels/formats.py; "a few rows" is its FEW_ROWS."""
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu import DENSE_MAX_ROWS, cpu_kernels_available, quant_gemv
-from kernels.packing import dequantize
-
-GEMV_MAX_ROWS = 8  # up to this many rows of x (decode, small batches) the GEMV kernels win; beyond, GEMM
+from kernels.cpu import cpu_kernels_available, quant_gemv
+from kernels.formats import FEW_ROWS, scalar_format
+from kernels.packing import dequantize_packed
 
 
 @torch.compiler.assume_constant_result
@@ -21,16 +21,16 @@ def _cpu_kernels_ready() -> bool:
 
 def dense_gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether x @ w.T should run on kernels.cpu.dense_gemv: decode- or verify-sized CPU input, fp32 or bf16 x and
-    w alike, no gradient wanted. Decode (1 row) takes it too, though Inductor's fused loop in model.Linear is ~4%
-    faster there (compiled, 1 thread, scratch A/B): one kernel for every row count is what makes a verify step
-    score each token bit for bit as decode does, so speculative greedy output equals plain greedy in bf16 too."""
-    return x.shape[:-1].numel() <= DENSE_MAX_ROWS and _cpu_inference(x, w)
+    w alike, no gradient wanted. Decode (1 row) takes it too, though Inductor's fused loop in model.Linear is a
+    little faster there: one kernel for every row count is what makes a verify step score each token bit for bit
+    as decode does, so speculative greedy output equals plain greedy in bf16 too."""
+    return x.shape[:-1].numel() <= FEW_ROWS and _cpu_inference(x, w)
 
 
 def few_query_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, input_pos) -> bool:
     """Whether kernels.cpu.few_query_attention can serve q [B, H, S, D] against the cache: decode-sized CPU
     queries at cache positions, q and cache of one dtype (fp32 or bf16), no gradient wanted."""
-    return input_pos is not None and q.shape[0] * q.shape[2] <= DENSE_MAX_ROWS and _cpu_inference(q, k_cache)
+    return input_pos is not None and q.shape[0] * q.shape[2] <= FEW_ROWS and _cpu_inference(q, k_cache)
 
 
 def _cpu_inference(x: torch.Tensor, t: torch.Tensor) -> bool:
@@ -40,21 +40,23 @@ def _cpu_inference(x: torch.Tensor, t: torch.Tensor) -> bool:
 
 
 def dequantize_weight(qweight, scales, zeros, bits: int, group_size: int, k: int) -> torch.Tensor:
-    """Float32 [N, K] weight as QuantLinear stores it (8-bit codes offset to signed int8)."""
-    if bits == 8:
-        return (qweight.float() + 128 - (128 if zeros is None else zeros.float())) * scales.float()
-    return dequantize(qweight, scales, zeros, bits, group_size or k, k)
+    """Float32 [N, K] weight as QuantLinear stores it: packed codes (kernels.packing.dequantize_packed), or codes
+    offset to signed int8 where the format table says stored_signed."""
+    if scalar_format(bits).stored_signed:
+        offset = 1 << (bits - 1)
+        return (qweight.float() + offset - (offset if zeros is None else zeros.float())) * scales.float()
+    return dequantize_packed(qweight, scales, zeros, bits, group_size or k, k)
 
 
 def quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, k: int) -> torch.Tensor:
     rows = x.shape[:-1].numel()
-    g = group_size or k
-    if x.device.type == "cuda" and bits in (2, 3, 4) and k % g == 0 and g % 16 == 0:  # the Triton kernels' tiling
+    fmt = scalar_format(bits)
+    if x.device.type == "cuda" and fmt.triton_fits(k, group_size):
         from kernels.triton_quant import quant_matmul
         z = zeros if zeros is not None else torch.full_like(scales, 2 ** (bits - 1))
-        y = quant_matmul(x.reshape(rows, k), qweight, scales, z, bits, g)
+        y = quant_matmul(x.reshape(rows, k), qweight, scales, z, bits, group_size or k)
         return y.view(*x.shape[:-1], -1)
-    if (x.device.type == "cpu" and rows <= GEMV_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16)
+    if (x.device.type == "cpu" and fmt.cpu_gemv and rows <= FEW_ROWS and x.dtype in (torch.float32, torch.bfloat16)
             and _cpu_kernels_ready()):
         return quant_gemv(x, qweight, scales, zeros, bits, group_size)
     return F.linear(x, dequantize_weight(qweight, scales, zeros, bits, group_size, k).to(x.dtype))

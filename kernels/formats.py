@@ -26,8 +26,8 @@ class ScalarFormat:
     codes_per_word, word_bytes: packed layout, codes_per_word codes in each little-endian word of word_bytes bytes.
     stored_signed: QuantLinear keeps the codes as int8 q - 2^(bits-1) (one code per byte) instead of packed uint8.
     cpu_gemv: kernels/cpu_quant.cpp's quant_gemv serves it (few rows, CPU).
-    triton_group_multiple: the Triton kernels serve QuantLinear's stored layout when the group size divides K and
-      is a multiple of this (a K tile has one scale; tl.dot needs 16); None where Triton does not serve it.
+    triton_group_multiple: the Triton kernels (kernels/triton_quant.py) take the packed layout when the group size
+      divides K and is a multiple of this (a K tile has one scale; tl.dot needs 16); None: no Triton kernel.
     """
     bits: int
     codes_per_word: int
@@ -37,17 +37,18 @@ class ScalarFormat:
     triton_group_multiple: Optional[int] = 16
 
     def triton_fits(self, k: int, group_size: int) -> bool:
-        """Whether the Triton kernels take this format at this K and group size (0 = one group per row)."""
+        """Whether the Triton kernels take QuantLinear's stored weights of this format at this K and group size
+        (0 = one group per row): the packed layout (not stored_signed) in the kernels' tiling."""
         m = self.triton_group_multiple
         g = group_size or k
-        return m is not None and g > 0 and k % g == 0 and g % m == 0
+        return not self.stored_signed and m is not None and g > 0 and k % g == 0 and g % m == 0
 
 
 SCALAR_FORMATS: dict[int, ScalarFormat] = {f.bits: f for f in (
     ScalarFormat(2, codes_per_word=4, word_bytes=1),
     ScalarFormat(3, codes_per_word=8, word_bytes=3),
     ScalarFormat(4, codes_per_word=2, word_bytes=1),
-    ScalarFormat(8, codes_per_word=1, word_bytes=1, stored_signed=True, triton_group_multiple=None),
+    ScalarFormat(8, codes_per_word=1, word_bytes=1, stored_signed=True),
 )}
 SCALAR_BITS = tuple(SCALAR_FORMATS)  # (2, 3, 4, 8)
 

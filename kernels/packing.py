@@ -1,26 +1,25 @@
-"""Pack unsigned integer weight codes of 2, 3, 4 or 8 bits into bytes along K, and dequantize them.
+"""Pack unsigned integer weight codes of the scalar bit widths (kernels/formats.py: 2, 3, 4, 8) into bytes along K,
+and dequantize them.
 
 Every format is the same little-endian bit stream: code k of a row sits at bits k*bits .. k*bits+bits-1 of that
 row's bytes (int4: k=2j low nibble of byte j; int2: 4j+i at bits 2i of byte j; int3: 8 codes per 3-byte
 little-endian word, code 8j+i at bits 3i of word j). A "word" is the shortest run of whole bytes holding whole
-codes, so packing and unpacking are shifts on a [..., words, codes_per_word] view: plain tensor ops that run on
-any device and trace under torch.compile (no data-dependent checks in unpack or dequantize).
+codes (the table's codes_per_word and word_bytes), so packing and unpacking are shifts on a
+[..., words, codes_per_word] view: plain tensor ops that run on any device and trace under torch.compile (no
+data-dependent checks in unpack or dequantize_packed). dequantize_packed reads this packed layout only;
+kernels.dispatch.dequantize_weight reads QuantLinear's stored layout (8-bit codes offset to signed int8).
 
 W[n, k] ~= (q[n, k] - z[n, k // g]) * s[n, k // g], scales s and zeros z of shape [N, K // g].
 """
-import math
-
 import torch
 
-BITS = (2, 3, 4, 8)
+from kernels.formats import scalar_format
 
 
 def word_layout(bits: int) -> tuple[int, int]:
-    """(codes per word, bytes per word): int2 (4, 1), int3 (8, 3), int4 (2, 1), int8 (1, 1)."""
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits}")
-    common = math.gcd(8, bits)
-    return 8 // common, bits // common
+    """(codes per word, bytes per word) from the format table: int2 (4, 1), int3 (8, 3), int4 (2, 1), int8 (1, 1)."""
+    fmt = scalar_format(bits)
+    return fmt.codes_per_word, fmt.word_bytes
 
 
 def packed_size(k: int, bits: int) -> int:
@@ -43,7 +42,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         low, high = int(codes.min()), int(codes.max())  # python ints: a uint8 tensor compares 256 as 0
         if low < 0 or high >= 1 << bits:
             raise ValueError(f"{bits}-bit codes must lie in [0, {(1 << bits) - 1}], got [{low}, {high}]")
-    if bits == 8:
+    if codes_per_word == 1 and word_bytes == 1:  # a code per byte
         return codes.to(torch.uint8)
     c = codes.to(torch.int32).unflatten(-1, (-1, codes_per_word))
     shifts = bits * torch.arange(codes_per_word, dtype=torch.int32, device=codes.device)
@@ -60,7 +59,7 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     if packed.dim() == 0 or packed.shape[-1] != packed_size(k, bits):
         raise ValueError(f"{bits}-bit codes with K={k} pack into {packed_size(k, bits)} bytes per row, "
                          f"got packed shape {tuple(packed.shape)}")
-    if bits == 8:
+    if codes_per_word == 1 and word_bytes == 1:
         return packed
     b = packed.to(torch.int32).unflatten(-1, (-1, word_bytes))
     word = b[..., 0]
@@ -96,7 +95,7 @@ def unpack_int3(packed: torch.Tensor) -> torch.Tensor:
     return unpack(packed, 3, packed.shape[-1] // 3 * 8)
 
 
-def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros, bits: int, group_size: int,
+def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor, zeros, bits: int, group_size: int,
                k: int) -> torch.Tensor:
     """float32 [..., K] weights (q - z) * s from packed codes and per-group scales and zeros
     [..., ceil(K / group_size)]; when group_size does not divide K the last group is shorter.

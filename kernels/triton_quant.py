@@ -1,4 +1,5 @@
-"""Y = X @ W^T with W stored as packed 2/3/4/8-bit codes (kernels/packing.py), dequantized inside Triton kernels.
+"""Y = X @ W^T with W stored as packed codes (kernels/packing.py, kernels/formats.py), dequantized inside Triton
+kernels.
 
     y = quant_matmul(x, packed, scales, zeros, bits=4, group_size=128)   # x [..., K] -> y [..., N]
 
@@ -8,15 +9,15 @@ This module imports without triton; the kernels (kernels/triton_quant_kernels.py
 """
 import torch
 
+from kernels.formats import FEW_ROWS, scalar_format
 from kernels.packing import packed_size, word_layout
 
-GEMV_MAX_M = 8  # up to here the weight read dominates: decode, speculative drafts
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def quant_matmul(x, packed, scales, zeros, bits: int, group_size: int) -> torch.Tensor:
-    """gemv for M <= GEMV_MAX_M rows of x, gemm otherwise."""
-    fn = quant_matmul_gemv if x.shape[:-1].numel() <= GEMV_MAX_M else quant_matmul_gemm
+    """gemv for M <= FEW_ROWS rows of x (the weight read dominates: decode, speculative verify), gemm otherwise."""
+    fn = quant_matmul_gemv if x.shape[:-1].numel() <= FEW_ROWS else quant_matmul_gemm
     return fn(x, packed, scales, zeros, bits, group_size)
 
 
@@ -66,8 +67,11 @@ def _prepare(x, packed, scales, zeros, bits, group_size, interpret):
         raise ValueError(f"packed must be uint8 [N, {packed_size(k, bits)}] for {bits}-bit codes and K={k}, "
                          f"got {packed.dtype} {tuple(packed.shape)}")
     # a tile of BLOCK_K codes (a power of two dividing the group, >= 16 for tl.dot) shares one scale and zero
-    if group_size <= 0 or k % group_size or group_size % 16:
-        raise ValueError(f"group_size must be a multiple of 16 that divides K={k}, got {group_size}")
+    multiple = scalar_format(bits).triton_group_multiple
+    if multiple is None:
+        raise ValueError(f"no Triton kernel takes {bits}-bit codes")
+    if group_size <= 0 or k % group_size or group_size % multiple:
+        raise ValueError(f"group_size must be a multiple of {multiple} that divides K={k}, got {group_size}")
     groups = (packed.shape[0], k // group_size)
     if scales.shape != groups or zeros.shape != groups:
         raise ValueError(f"scales and zeros must have shape {groups}, "

@@ -1,4 +1,4 @@
-"""Triton kernels for Y[M, N] = X[M, K] @ W^T with W dequantized on the fly from packed 2/3/4/8-bit codes.
+"""Triton kernels for Y[M, N] = X[M, K] @ W^T with W dequantized on the fly from packed codes (kernels/formats.py).
 
 Imported lazily by kernels/triton_quant.py (so a machine without triton can still import that). Triton decides
 between compiling and interpreting (TRITON_INTERPRET=1) when a kernel is defined, i.e. when this module is imported.

@@ -15,10 +15,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # also when run as the kernel-test subprocess
 from kernels import triton_quant  # noqa: E402
-from kernels.packing import (dequantize, pack, pack_int2, pack_int3, pack_int4, packed_size, unpack,  # noqa: E402
-                             unpack_int2, unpack_int3, unpack_int4)
+from kernels.formats import FEW_ROWS, SCALAR_BITS  # noqa: E402
+from kernels.packing import (dequantize_packed, pack, pack_int2, pack_int3, pack_int4, packed_size,  # noqa: E402
+                             unpack, unpack_int2, unpack_int3, unpack_int4)
 
-BITS = (2, 3, 4, 8)
+BITS = SCALAR_BITS  # (2, 3, 4, 8)
 N = 72  # not a multiple of the kernels' BLOCK_N
 
 
@@ -89,9 +90,9 @@ def test_extreme_codes(bits):
     (lambda: unpack(torch.zeros(2, 4, dtype=torch.int32), 4, 8), "uint8"),
     (lambda: unpack(torch.zeros(2, 4, dtype=torch.uint8), 4, 16), "8 bytes per row"),
     (lambda: unpack_int3(torch.zeros(2, 4, dtype=torch.uint8)), "3-byte words"),
-    (lambda: dequantize(torch.zeros(2, 8, dtype=torch.uint8), torch.ones(2, 1), torch.zeros(2, 1), 4, 12, 16),
+    (lambda: dequantize_packed(torch.zeros(2, 8, dtype=torch.uint8), torch.ones(2, 1), torch.zeros(2, 1), 4, 12, 16),
      "must have shape"),  # 16 = 12 + a ragged group of 4: two groups
-    (lambda: dequantize(torch.zeros(2, 8, dtype=torch.uint8), torch.ones(2, 1), torch.zeros(2, 2), 4, 8, 16),
+    (lambda: dequantize_packed(torch.zeros(2, 8, dtype=torch.uint8), torch.ones(2, 1), torch.zeros(2, 2), 4, 8, 16),
      "must have shape"),
 ])
 def test_bad_input_raises_value_error(call, match):
@@ -106,7 +107,7 @@ def test_dequantize_matches_float64(bits, group):
     codes = random_codes((N, 96), bits, seed=bits)
     scales = torch.rand(N, 96 // group, generator=gen) + 0.1
     zeros = torch.rand(N, 96 // group, generator=gen) * ((1 << bits) - 1)  # not integers
-    w = dequantize(pack(codes, bits), scales, zeros, bits, group, 96)
+    w = dequantize_packed(pack(codes, bits), scales, zeros, bits, group, 96)
     assert w.dtype == torch.float32 and w.shape == (N, 96)
     torch.testing.assert_close(w.double(), weights_reference(codes, scales, zeros, group), rtol=1e-6, atol=1e-6)
 
@@ -117,7 +118,7 @@ def test_unpack_and_dequantize_compile_without_graph_breaks():
     x = torch.randn(64, generator=torch.Generator().manual_seed(0))
 
     def matvec(packed, scales, zeros, x):
-        return (dequantize(packed, scales, zeros, 3, 32, 64) * x).sum(-1)
+        return (dequantize_packed(packed, scales, zeros, 3, 32, 64) * x).sum(-1)
 
     compiled = torch.compile(matvec, fullgraph=True, backend="aot_eager")
     ref = weights_reference(codes, scales, zeros, 32) @ x.double()
@@ -154,7 +155,7 @@ TRITON_CASES = (
 def triton_kernels(m):
     """The gemm for every M, the gemv where quant_matmul would pick it (more rows only add programs)."""
     kernels = {"gemm": triton_quant.quant_matmul_gemm}
-    if m <= triton_quant.GEMV_MAX_M:
+    if m <= FEW_ROWS:
         kernels["gemv"] = triton_quant.quant_matmul_gemv
     return kernels
 
@@ -255,6 +256,6 @@ def test_dequantize_ragged_last_group_and_symmetric():
     scales, zeros = torch.rand(5, 3) + 0.1, torch.randint(0, 16, (5, 3)).float()
     idx = torch.arange(40) // 16  # groups of 16, 16 and a ragged 8
     ref = (codes.double() - zeros.double()[:, idx]) * scales.double()[:, idx]
-    torch.testing.assert_close(dequantize(pack(codes, 4), scales, zeros, 4, 16, 40).double(), ref)
+    torch.testing.assert_close(dequantize_packed(pack(codes, 4), scales, zeros, 4, 16, 40).double(), ref)
     sym = (codes.double() - 8) * scales.double()[:, idx]
-    torch.testing.assert_close(dequantize(pack(codes, 4), scales, None, 4, 16, 40).double(), sym)
+    torch.testing.assert_close(dequantize_packed(pack(codes, 4), scales, None, 4, 16, 40).double(), sym)
