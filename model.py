@@ -151,7 +151,7 @@ class Linear(nn.Linear):
 
 
 def float_linear(name: str, in_features: int, out_features: int) -> nn.Module:
-    """The one place a linear layer is made; quantize.py passes its own factory instead."""
+    """The one place a float linear layer is made; quantized models pass qlinear.quantized_linear_factory."""
     return Linear(in_features, out_features)
 
 
@@ -183,12 +183,38 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, i, linear) for i in range(args.n_layer))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        # A tied head shares the embedding matrix; quantize.py may still give it a quantized copy.
         self.output = linear("output", args.dim, args.vocab_size)
-        if args.tie_embeddings and isinstance(self.output, Linear):
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_head()
         self.max_batch_size = -1
         self.max_seq_length = -1
+
+    def tie_head(self):
+        """The one place a tied head is tied to the embedding (a no-op for untied models; safe to repeat, e.g.
+        after load_state_dict(assign=True) or after the head is replaced). A float head shares the embedding's
+        weight; a quantized head (one with `as_embedding()`, qlinear.QuantLinear) becomes the embedding, which
+        then reads the head's codes."""
+        if not self.args.tie_embeddings:
+            return
+        if isinstance(self.output, Linear):
+            self.output.weight = self.tok_embeddings.weight
+        elif hasattr(self.output, "as_embedding"):
+            self.tok_embeddings = self.output.as_embedding()
+
+    def run_blocks(self, x: torch.Tensor, start: int = 0, end: Optional[int] = None,
+                   rows: Optional[int] = None) -> torch.Tensor:
+        """Hidden states x [B, S, dim] through blocks start..end-1 (end None: to the last block), one causal
+        pass without the KV cache, as forward() runs them without input_pos. rows: run that many rows of x at a
+        time (calibration runs one sample at a time, so its memory and forward hooks see one sample each)."""
+        freqs = precompute_freqs_cis(self.args, x.shape[1]).to(x.device)
+        for block in self.layers[start:end]:
+            if rows is None:
+                x = block(x, freqs=freqs, mask=None, input_pos=None)
+                continue
+            out = torch.empty_like(x)
+            for j in range(0, x.shape[0], rows):
+                out[j:j + rows] = block(x[j:j + rows], freqs=freqs, mask=None, input_pos=None)
+            x = out
+        return x
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None, device=None):
         if max_seq_length > self.args.block_size:

@@ -28,7 +28,7 @@ from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for, read_c
 from cli import run
 from eval.data import calibration_batches, corpus_text
 from fileio import TEMP_TAG, check_output_dir, check_output_file
-from quantize import QuantFormat
+from qlinear import QuantFormat
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
+from calibrate import METHODS, quantize_model
 from checkpoint import (
     load_model,
     load_tokenizer_for,
@@ -31,7 +32,7 @@ from eval.data import calibration_batches, corpus_text
 from eval.perplexity import perplexity
 from fileio import TEMP_TAG, atomic_write, check_output_dir, read_json
 from decoding import compile_fns, generate
-from quantize import METHODS, QuantFormat, check_recipe, linear_names, quantize_model, resolve_recipe
+from qlinear import QuantFormat, check_recipe, linear_names, resolve_recipe
 
 DEFAULT_CONFIGS = ("float,int8,int4-g128-asym:rtn,int4-g128-asym:gptq,int4-g128-asym:awq,int4-g64-sym:rtn,"
                    "int3-g128-asym:rtn,int3-g128-asym:gptq,int3-g128-asym:awq,"

@@ -36,29 +36,22 @@ from cli import ArgumentParser, nonempty, positive_float, positive_int, run
 from eval.data import corpus_text, load_text_file
 from fileio import atomic_write, check_output_file
 from decoding import check_token_ids
-from model import precompute_freqs_cis
-from quantize import QuantFormat, fake_quantize, linear_names
+from qlinear import QuantFormat, fake_quantize, linear_names
 
 
 @torch.inference_mode()
 def block_inputs(model, windows: torch.Tensor) -> list:
     """The float model's hidden state entering each block (and the final norm), for every window."""
-    x = model.tok_embeddings(windows)
-    freqs = precompute_freqs_cis(model.args, windows.shape[1])
-    states = []
-    for block in model.layers:
-        states.append(x)
-        x = block(x, freqs, None, None)
-    states.append(x)
+    states = [model.tok_embeddings(windows)]
+    for i in range(len(model.layers)):
+        states.append(model.run_blocks(states[-1], start=i, end=i + 1))
     return states
 
 
 @torch.inference_mode()
 def nll_from(model, start: int, x: torch.Tensor, windows: torch.Tensor) -> float:
     """Mean next-token NLL running blocks start.. on hidden state x."""
-    freqs = precompute_freqs_cis(model.args, windows.shape[1])
-    for block in model.layers[start:]:
-        x = block(x, freqs, None, None)
+    x = model.run_blocks(x, start=start)
     logits = model.output(model.norm(x))[:, :-1]
     return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten()).item()
 

@@ -20,7 +20,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from fileio import TEMP_TAG
-from quantize import check_recipe
+from qlinear import check_recipe
 from tests.test_model import TINY, tiny_model
 from tests.tiny import save_tiny
 

@@ -117,7 +117,7 @@ def test_compiled_graph_matches_eager():
 def test_compiled_quant_linear_calls_the_kernel():
     """A decode graph compiled before any eager call must still take the C++ kernel, not dequantize + matmul
     (which made compiled int8 decode five times slower)."""
-    from quantize import QuantFormat, QuantLinear
+    from qlinear import QuantFormat, QuantLinear
 
     weights, w_ref = make(64, 256, 4, 64, asym=True)
     m = QuantLinear(256, 64, QuantFormat.parse("int4-g64-asym"))

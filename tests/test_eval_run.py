@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from calibrate import quantize_model
 from checkpoint import (
     save_quantized,
 )
@@ -12,7 +13,7 @@ from cli import run
 from eval.report import write_report
 from eval.run import main
 from model import ModelArgs, Transformer
-from quantize import linear_names, quantize_model, resolve_recipe
+from qlinear import linear_names, resolve_recipe
 from tests.tiny import save_tiny
 
 TINY = dict(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=96, vocab_size=49152, block_size=512,

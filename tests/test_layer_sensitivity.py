@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import read_config
-from quantize import QuantFormat, fake_quantize, linear_names
+from qlinear import QuantFormat, fake_quantize, linear_names
 from tests.test_model import TINY, tiny_model
 from tests.test_quantize import tiny_ckpt
 from tests.tiny import save_tiny

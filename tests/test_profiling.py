@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from profiling import profile_decode
-from quantize import QuantFormat, rtn_layer
+from qlinear import QuantFormat, rtn_layer
 from tests.test_default_model import run_generate
 from tests.test_model import tiny_model
 

@@ -22,7 +22,7 @@ from checkpoint import (
 )
 from eval.data import corpus_documents
 from model import ModelArgs, Transformer
-from quantize import QuantLinear
+from qlinear import QuantLinear
 from tests.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
