@@ -17,7 +17,7 @@ from torch.autograd.profiler import record_function
 from decoding import GenerationStats
 from fileio import TEMP_TAG, atomic_write
 from model import Attention, KVCache, Linear, RMSNorm, Transformer
-from quantize import QuantLinear
+from qlinear import QuantLinear
 from sampling import sample
 
 TRACE_NAME = "decode_trace.json"  # what generate.py --profile DIR writes in DIR

@@ -23,9 +23,6 @@ from checkpoint import check_output_checkpoint, load_model, load_tokenizer_for, 
 from cli import ArgumentParser, nonneg_int, positive_float, positive_int, run
 from eval.data import calibration_batches
 from qlinear import QuantFormat, linear_names, read_recipe, resolve_recipe
-# Transitional: profiling.py still imports QuantLinear from here; once it imports qlinear, drop this line.
-from qlinear import QuantLinear  # noqa: F401
-
 
 # ---------------------------------------------------------------- CLI
 
