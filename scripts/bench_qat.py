@@ -28,6 +28,11 @@ from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for, read_c
 from cli import run
 from eval.data import calibration_batches, corpus_text
 from fileio import TEMP_TAG, check_output_dir, check_output_file
+from qat.config import LOSSES, RunSettings, quant_format
+from qat.data import make_windows, training_tokens
+from qat.loop import loss_fn
+from qat.runs import curve_figure, is_run_dir, read_log, save_figure
+from qat.student import build_student
 from qlinear import QuantFormat
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -52,13 +57,22 @@ def is_work_dir(folder: Path) -> bool:
     """An earlier benchmark's work folder: score cache, teacher data, PTQ checkpoints, QAT runs, temps."""
     return all(p.name in ("perplexity.json", "perplexity.tmp", "teacher.jsonl") and p.is_file()
                or p.name.startswith(".") and TEMP_TAG in p.name
-               or p.is_dir() and (is_checkpoint_dir(p) or train_qat.is_run_dir(p)) for p in folder.iterdir())
+               or p.is_dir() and (is_checkpoint_dir(p) or is_run_dir(p)) for p in folder.iterdir())
 
 
 def train_seconds(run_dir: Path) -> float:
     """Time spent in optimizer steps (evaluations excluded), summed over every invocation of the run."""
-    rows = train_qat.read_log(run_dir / "log.jsonl")
+    rows = read_log(run_dir / "log.jsonl")
     return sum(r["tokens"] / r["step"] / r["tok_s"] for r in rows if "loss" in r)
+
+
+def plot_with_references(log_path: Path, png: Path, references: dict, title: str):
+    """A run's curves with flat lines ({label: perplexity}) to compare its held-out perplexity with."""
+    fig, ppl_axes = curve_figure(log_path, title)
+    for i, (label, ppl) in enumerate(references.items()):
+        ppl_axes.axhline(ppl, ls="--", lw=1, color=f"C{i + 1}", label=f"{label} {ppl:.1f}")
+    ppl_axes.legend(fontsize=8)
+    save_figure(fig, png)
 
 
 def step_tok_s(student, teacher, windows, runs: int, dtype) -> float:
@@ -73,16 +87,16 @@ def step_tok_s(student, teacher, windows, runs: int, dtype) -> float:
             logits = student(x)
             with torch.no_grad():
                 target = teacher(x)
-        train_qat.loss_fn("cakld", logits, target, windows[:, 1:], 0.5).backward()
+        loss_fn("cakld", logits, target, windows[:, 1:], 0.5).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         speeds.append(x.numel() / (time.perf_counter() - t0))
     return statistics.median(speeds[1:])
 
 
-def main():
+def parse_args():
     p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("--format", default="int2-g64-asym", type=train_qat.quant_format)
+    p.add_argument("--format", default="int2-g64-asym", type=quant_format)
     p.add_argument("--work", default="out/bench_qat", type=cli.nonempty,
                    help="folder for checkpoints, data, runs and scores (reused)")
     p.add_argument("--threads", type=cli.positive_int, default=2)
@@ -102,18 +116,95 @@ def main():
                    help="QAT compute dtype (bf16: autocast; the weights stay float32)")
     p.add_argument("--steps", type=cli.positive_int, default=24)
     p.add_argument("--eval_every", type=cli.nonneg_int, default=8)
-    p.add_argument("--losses", default="cakld,fkl,ce", help=f"comma-separated, of {', '.join(train_qat.LOSSES)}")
+    p.add_argument("--losses", default="cakld,fkl,ce", help=f"comma-separated, of {', '.join(LOSSES)}")
     p.add_argument("--loss_steps", type=cli.positive_int, default=6)
     p.add_argument("--no_speed", action="store_true")
     p.add_argument("--plot", default=None, type=cli.nonempty, help="default: docs/qat_FORMAT.png")
     a = p.parse_args()
-    unknown = [x for x in a.losses.split(",") if x not in train_qat.LOSSES] if a.losses else []
+    unknown = [x for x in a.losses.split(",") if x not in LOSSES] if a.losses else []
     if unknown:
-        p.error(f"argument --losses: unknown loss {unknown[0]!r} (choose from {', '.join(train_qat.LOSSES)})")
+        p.error(f"argument --losses: unknown loss {unknown[0]!r} (choose from {', '.join(LOSSES)})")
     if a.batch_size % a.micro_batch:
         p.error(f"--batch_size {a.batch_size} is not a multiple of --micro_batch {a.micro_batch}")
     if a.context < 2:
         p.error("argument --context: expected a whole number >= 2")
+    return a
+
+
+def ptq_rows(a, fmt, ckpt, tok, tokens, work, scores) -> tuple:
+    """Stage 1: float, RTN, GPTQ and AWQ+clip perplexity. ({method: (folder, ppl)}, table rows)."""
+    calib = calibration_batches(tok, a.calib_samples, 512, "boolq", seed=0)
+    rows = [("float (teacher)", "-", ppl_of(ckpt, tokens, a.context, scores))]
+    ptq = {}
+    for method in ("rtn", "gptq", "awq"):
+        folder, seconds = build(ckpt, f"{fmt.name}:{method}", calib, work, quantize_output=False)  # head float
+        ptq[method] = (folder, ppl_of(folder, tokens, a.context, scores))
+        cost = f"{seconds:.0f} s" + (f" ({a.calib_samples} x 512 calibration tokens)" if method != "rtn" else "")
+        rows.append((f"PTQ {method.upper()}" + ("+clip" if method == "awq" else ""), cost, ptq[method][1]))
+        print(f"  {rows[-1]}", flush=True)
+    return ptq, rows
+
+
+def main_qat(a, fmt, ckpt, start, best, data, data_tokens, rows, tokens, short, work, scores, plot):
+    """Stage 3: the main QAT run, the results table and its curve."""
+    main_dir = work / f"qat-{fmt.name}-cakld"
+    summary = train_qat.train(qat_args(a, ckpt, start, main_dir, data, "cakld", a.steps, a.eval_every))
+    minutes = train_seconds(main_dir) / 60
+    rows.append((f"QAT CAKLD from PTQ {best.upper()}", f"{a.steps} steps, {summary['tokens']} tokens, {minutes:.0f} min",
+                 ppl_of(summary["out"], tokens, a.context, scores)))
+    print(f"\nteacher data: {data_tokens} tokens ({a.gen_count} BoolQ calibration passages cut to 64-token prompts, up "
+          f"to {a.gen_new_tokens} new tokens each, temperature 0.7)")
+    print(f"QAT: {a.dtype} autocast, seq_len {a.seq_len}, batch {a.batch_size}, AdamW lr {a.lr} (warm-up {a.warmup} "
+          f"steps, cosine to {a.lr / 10}), scales {'fixed' if a.fixed_scales else 'trained'}, "
+          f"CAKLD beta {summary['beta']:.3f}; cost = time in optimizer steps\n")
+    print("| model | cost | ppl BoolQ | x float |")
+    print("|---|---|---|---|")
+    float_ppl = rows[0][2]
+    for name, cost, ppl in rows:
+        print(f"| {name} | {cost} | {ppl:.2f} | {ppl / float_ppl:.2f} |")
+    plot_with_references(main_dir / "log.jsonl", plot, {"float": ppl_of(ckpt, short, a.context, scores)},
+                         title=f"{ckpt.name} {fmt.name}: QAT (CAKLD) from PTQ {best.upper()}")
+    print(f"\ncurve: {plot} (held-out perplexity on the first {a.curve_tokens} tokens, {a.dtype}, every "
+          f"{a.eval_every} steps)", flush=True)
+
+
+def loss_table(a, fmt, ckpt, start, best, data, short, work, scores):
+    """Stage 4: each loss from the same start at an equal, smaller budget."""
+    print(f"\nlosses, each {a.loss_steps} steps ({a.loss_steps * a.batch_size * a.seq_len} tokens, same schedule) "
+          f"from PTQ {best.upper()}; perplexity on the first {a.curve_tokens} tokens:\n")
+    print("| loss | ppl BoolQ | x float | train min |")
+    print("|---|---|---|---|")
+    short_float = ppl_of(ckpt, short, a.context, scores)
+    print(f"| (start: PTQ {best.upper()}) | {ppl_of(start, short, a.context, scores):.2f} | "
+          f"{ppl_of(start, short, a.context, scores) / short_float:.2f} | - |")
+    for loss in a.losses.split(","):
+        run_dir = work / f"loss-{fmt.name}-{loss}"
+        s = train_qat.train(qat_args(a, ckpt, start, run_dir, data, loss, a.loss_steps, 0))
+        ppl = ppl_of(s["out"], short, a.context, scores)
+        print(f"| {loss} | {ppl:.2f} | {ppl / short_float:.2f} | {train_seconds(run_dir) / 60:.1f} |", flush=True)
+
+
+def throughput_table(a, ckpt, start, data, tok, vocab_size, work):
+    """Stage 5: tokens/s of one optimizer step, fake-quant student vs the float model."""
+    windows = make_windows(training_tokens(str(data), tok, vocab_size), a.seq_len, data)[:1]
+    teacher = load_model(ckpt).requires_grad_(False)
+    settings = RunSettings.from_flags(vars(qat_args(a, ckpt, start, work / "unused", data, "cakld", 1, 0)))
+    student, _ = build_student(settings, ckpt, tok)
+    float_model = load_model(ckpt)
+    float_model.tok_embeddings.weight.requires_grad_(False)  # as in QAT: the tied embedding/head stays frozen
+    print(f"\ntraining throughput: one optimizer step on 1 x {a.seq_len} tokens (CAKLD, teacher logits on the fly, "
+          f"AdamW), median of 3 after a warm-up step:\n")
+    print("| trained model | compute | tok/s | vs float model, same compute |")
+    print("|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        speeds = {name: step_tok_s(m, teacher, windows, 3, dtype)
+                  for name, m in (("float model", float_model), ("fake-quant student", student))}
+        for name, tok_s in speeds.items():
+            print(f"| {name} | {str(dtype)[6:]} | {tok_s:.1f} | {tok_s / speeds['float model']:.2f} |", flush=True)
+
+
+def main():
+    a = parse_args()
     fmt = QuantFormat.parse(a.format)
     work = check_output_dir(a.work, is_work_dir, "QAT benchmark work folder")
     plot = check_output_file(a.plot or f"docs/qat_{fmt.name}.png", lambda f: f.read_bytes()[:8] == PNG, "plot")
@@ -128,78 +219,19 @@ def main():
     print(f"model {ckpt.name} | {fmt.name}, output head float (as BitDistiller) | perplexity: BoolQ eval split, first "
           f"{tokens.numel()} tokens, context {a.context}, float32 | CPU, {a.threads} thread(s), torch {torch.__version__}",
           flush=True)
-
-    # 1. PTQ
-    calib = calibration_batches(tok, a.calib_samples, 512, "boolq", seed=0)
-    float_ppl = ppl_of(ckpt, tokens, a.context, scores)
-    rows = [("float (teacher)", "-", float_ppl)]
-    ptq = {}
-    for method in ("rtn", "gptq", "awq"):
-        folder, seconds = build(ckpt, f"{fmt.name}:{method}", calib, work, quantize_output=False)  # head float
-        ptq[method] = (folder, ppl_of(folder, tokens, a.context, scores))
-        cost = f"{seconds:.0f} s" + (f" ({a.calib_samples} x 512 calibration tokens)" if method != "rtn" else "")
-        rows.append((f"PTQ {method.upper()}" + ("+clip" if method == "awq" else ""), cost, ptq[method][1]))
-        print(f"  {rows[-1]}", flush=True)
+    ptq, rows = ptq_rows(a, fmt, ckpt, tok, tokens, work, scores)
     best = min(ptq, key=lambda m: ptq[m][1])
-
+    start = ptq[best][0]
     # 2. teacher data
     data = work / "teacher.jsonl"
     train_qat.main(["gen-data", "--out", str(data), "--count", str(a.gen_count), "--prompt_tokens", "64",
                     "--max_new_tokens", str(a.gen_new_tokens), "--threads", str(a.threads)])
-    data_tokens = train_qat.training_tokens(str(data), tok, vocab_size).numel()
-
-    # 3. the main QAT run
-    main_dir = work / f"qat-{fmt.name}-cakld"
-    summary = train_qat.train(qat_args(a, ckpt, ptq[best][0], main_dir, data, "cakld", a.steps, a.eval_every))
-    minutes = train_seconds(main_dir) / 60
-    rows.append((f"QAT CAKLD from PTQ {best.upper()}", f"{a.steps} steps, {summary['tokens']} tokens, {minutes:.0f} min",
-                 ppl_of(summary["out"], tokens, a.context, scores)))
-    print(f"\nteacher data: {data_tokens} tokens ({a.gen_count} BoolQ calibration passages cut to 64-token prompts, up "
-          f"to {a.gen_new_tokens} new tokens each, temperature 0.7)")
-    print(f"QAT: {a.dtype} autocast, seq_len {a.seq_len}, batch {a.batch_size}, AdamW lr {a.lr} (warm-up {a.warmup} "
-          f"steps, cosine to {a.lr / 10}), scales {'fixed' if a.fixed_scales else 'trained'}, "
-          f"CAKLD beta {summary['beta']:.3f}; cost = time in optimizer steps\n")
-    print("| model | cost | ppl BoolQ | x float |")
-    print("|---|---|---|---|")
-    for name, cost, ppl in rows:
-        print(f"| {name} | {cost} | {ppl:.2f} | {ppl / float_ppl:.2f} |")
-    train_qat.plot_curves(main_dir / "log.jsonl", plot, {"float": ppl_of(ckpt, short, a.context, scores)},
-                          title=f"{ckpt.name} {fmt.name}: QAT (CAKLD) from PTQ {best.upper()}")
-    print(f"\ncurve: {plot} (held-out perplexity on the first {a.curve_tokens} tokens, {a.dtype}, every "
-          f"{a.eval_every} steps)", flush=True)
-
-    # 4. losses at an equal budget
+    data_tokens = training_tokens(str(data), tok, vocab_size).numel()
+    main_qat(a, fmt, ckpt, start, best, data, data_tokens, rows, tokens, short, work, scores, plot)
     if a.losses:
-        print(f"\nlosses, each {a.loss_steps} steps ({a.loss_steps * a.batch_size * a.seq_len} tokens, same schedule) "
-              f"from PTQ {best.upper()}; perplexity on the first {a.curve_tokens} tokens:\n")
-        print("| loss | ppl BoolQ | x float | train min |")
-        print("|---|---|---|---|")
-        short_float = ppl_of(ckpt, short, a.context, scores)
-        print(f"| (start: PTQ {best.upper()}) | {ppl_of(ptq[best][0], short, a.context, scores):.2f} | "
-              f"{ppl_of(ptq[best][0], short, a.context, scores) / short_float:.2f} | - |")
-        for loss in a.losses.split(","):
-            run_dir = work / f"loss-{fmt.name}-{loss}"
-            s = train_qat.train(qat_args(a, ckpt, ptq[best][0], run_dir, data, loss, a.loss_steps, 0))
-            ppl = ppl_of(s["out"], short, a.context, scores)
-            print(f"| {loss} | {ppl:.2f} | {ppl / short_float:.2f} | {train_seconds(run_dir) / 60:.1f} |", flush=True)
-
-    # 5. throughput
+        loss_table(a, fmt, ckpt, start, best, data, short, work, scores)
     if not a.no_speed:
-        windows = train_qat.make_windows(train_qat.training_tokens(str(data), tok, vocab_size), a.seq_len, data)[:1]
-        teacher = load_model(ckpt).requires_grad_(False)
-        student, _ = train_qat.build_student(qat_args(a, ckpt, ptq[best][0], work / "unused", data, "cakld", 1, 0),
-                                             ckpt, tok)
-        float_model = load_model(ckpt)
-        float_model.tok_embeddings.weight.requires_grad_(False)  # as in QAT: the tied embedding/head stays frozen
-        print(f"\ntraining throughput: one optimizer step on 1 x {a.seq_len} tokens (CAKLD, teacher logits on the fly, "
-              f"AdamW), median of 3 after a warm-up step:\n")
-        print("| trained model | compute | tok/s | vs float model, same compute |")
-        print("|---|---|---|---|")
-        for dtype in (torch.float32, torch.bfloat16):
-            speeds = {name: step_tok_s(m, teacher, windows, 3, dtype)
-                      for name, m in (("float model", float_model), ("fake-quant student", student))}
-            for name, tok_s in speeds.items():
-                print(f"| {name} | {str(dtype)[6:]} | {tok_s:.1f} | {tok_s / speeds['float model']:.2f} |", flush=True)
+        throughput_table(a, ckpt, start, data, tok, vocab_size, work)
 
 
 if __name__ == "__main__":

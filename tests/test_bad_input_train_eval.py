@@ -14,6 +14,8 @@ from eval.data import load_text_file
 from eval.tasks.ifeval import read_ifeval_prompts
 from eval.tasks.safety import read_labels
 from fileio import TEMP_TAG
+from qat.data import cut_torn_line, training_tokens
+from qat.runs import is_run_dir, read_log, read_train_state
 from tests.test_train_qat import TINY, files, train_args  # noqa: F401 (files: the tiny model fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +57,7 @@ def test_hand_made_jsonl_without_final_newline_is_read_whole_and_left_alone(tmp_
     text = tmp_path / "text.jsonl"
     text.write_bytes(b'{"text": "first"}\n{"text": "last"}')
     before = snapshot(tmp_path)
-    tokens = train_qat.training_tokens(str(data), SimpleNamespace(eos_id=2), VOCAB)
+    tokens = training_tokens(str(data), SimpleNamespace(eos_id=2), VOCAB)
     assert tokens.tolist() == [5, 6, 7, 2, 8, 9, 2]
     assert load_text_file(text) == "first\n\nlast"
     assert snapshot(tmp_path) == before
@@ -63,19 +65,19 @@ def test_hand_made_jsonl_without_final_newline_is_read_whole_and_left_alone(tmp_
     (tmp_path / "cut.jsonl").write_bytes(b'{"tokens": [1]}\n{"tokens": [')
     before = snapshot(tmp_path)
     assert "cut.jsonl, line 2: not valid JSON" in one_line_error(
-        lambda: train_qat.training_tokens(str(tmp_path / "cut.jsonl"), SimpleNamespace(eos_id=2), VOCAB))
+        lambda: training_tokens(str(tmp_path / "cut.jsonl"), SimpleNamespace(eos_id=2), VOCAB))
     assert snapshot(tmp_path) == before
 
 
 def test_own_appended_files_lose_only_a_torn_last_line(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_bytes(b'{"step": 1, "tokens": 8}\n{"step": 2, "tokens": 16}\n{"step": 3, "tok')
-    assert [r["step"] for r in train_qat.read_log(log)] == [1, 2]
+    assert [r["step"] for r in read_log(log)] == [1, 2]
     assert log.read_bytes().endswith(b'"tok')  # reading changes nothing
-    train_qat.cut_torn_line(log)
+    cut_torn_line(log)
     assert log.read_bytes() == b'{"step": 1, "tokens": 8}\n{"step": 2, "tokens": 16}\n'
     log.write_bytes(b'{"step": 1, "tokens": 8}')  # complete, only the newline missing: kept
-    train_qat.cut_torn_line(log)
+    cut_torn_line(log)
     assert log.read_bytes() == b'{"step": 1, "tokens": 8}\n'
 
 
@@ -113,9 +115,9 @@ def train_qat_argv(files, run_dir, *extra):
 
 def test_run_folder_and_report_predicates_are_precise(files, tmp_path):
     train_qat.train(train_args(files, tmp_path / "run", "--steps", "2", "--eval_every", "0"))
-    assert train_qat.is_run_dir(tmp_path / "run")  # its log, checkpoints, plot and exported model/
+    assert is_run_dir(tmp_path / "run")  # its log, checkpoints, plot and exported model/
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    assert not train_qat.is_run_dir(tmp_path / "run")
+    assert not is_run_dir(tmp_path / "run")
     with pytest.raises(ValueError, match="not a bitfast QAT run folder"):
         train_qat.train(train_args(files, tmp_path / "run", "--steps", "2", "--eval_every", "0", "--resume"))
 
@@ -170,7 +172,7 @@ TEXT_MUTATIONS = [
 def test_fuzzed_jsonl_rows_give_a_correct_result_or_one_line_naming_file_and_line(tmp_path, kind):
     first, last, mutations = ({**GEN_ROW, "id": 0, "tokens": [5, 6, 7]}, GEN_ROW, GEN_MUTATIONS) \
         if kind == "gen-data rows" else ({"text": "first"}, {"text": "last"}, TEXT_MUTATIONS)
-    read = (lambda p: train_qat.training_tokens(str(p), SimpleNamespace(eos_id=2), VOCAB).tolist()) \
+    read = (lambda p: training_tokens(str(p), SimpleNamespace(eos_id=2), VOCAB).tolist()) \
         if kind == "gen-data rows" else load_text_file
     path = tmp_path / "rows.jsonl"
     for i, (mutate, trains) in enumerate(mutations):
@@ -263,9 +265,9 @@ def test_malformed_run_state_is_one_line_on_resume_and_export(files, tmp_path):
     for mutate, field in STATE_MUTATIONS:
         (ckpt / "state.json").write_text(json.dumps(mutate(json.loads(json.dumps(good)))))
         if field is None:
-            assert train_qat.read_train_state(ckpt)[0]["step"] == 2
+            assert read_train_state(ckpt)[0]["step"] == 2
         else:
-            message = one_line_error(lambda: train_qat.read_train_state(ckpt))
+            message = one_line_error(lambda: read_train_state(ckpt))
             assert f"{ckpt / 'state.json'}: " in message and field in message
     (ckpt / "state.json").write_text(json.dumps({**good, "config": {**good["config"], "seq_len": "32"}}))
     before = snapshot(tmp_path)

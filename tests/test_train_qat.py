@@ -1,7 +1,6 @@
-"""train_qat.py against independent references: float64 KL from its definition, known answers (teacher
+"""train_qat.py (and qat/) against independent references: float64 KL from its definition, known answers (teacher
 confidence, the schedule), an uninterrupted run for resume (in-process stop and a real SIGKILL), a single
 process for 2-process DDP, and the fake-quant student for the exported packed checkpoint."""
-import argparse
 import contextlib
 import json
 import signal
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import qat.loop
 import train_qat
 from checkpoint import (
     load_model,
@@ -22,6 +22,11 @@ from checkpoint import (
 )
 from eval.data import corpus_documents
 from model import ModelArgs, Transformer
+from qat.config import RunSettings
+from qat.data import step_windows, training_tokens
+from qat.loop import kl_terms, lr_at, teacher_confidence
+from qat.runs import checkpoints, load_params
+from qat.student import build_student
 from qlinear import QuantLinear
 from tests.tiny import save_tiny
 
@@ -62,7 +67,7 @@ def train_args(files, run_dir, *extra):
 
 
 def final_params(run_dir):
-    return {k: v for k, v in load_state_dict(train_qat.checkpoints(Path(run_dir))[-1] / "state.safetensors").items()
+    return {k: v for k, v in load_state_dict(checkpoints(Path(run_dir))[-1] / "state.safetensors").items()
             if k.startswith("param/")}
 
 
@@ -88,39 +93,39 @@ def test_kl_terms_and_losses_match_float64_definitions():
     ps, pt = s.double().softmax(-1), t.double().softmax(-1)
     fkl = (pt * (pt.log() - ps.log())).sum(-1)  # KL(teacher || student)
     rkl = (ps * (ps.log() - pt.log())).sum(-1)
-    forward, reverse = train_qat.kl_terms(s, t)
+    forward, reverse = kl_terms(s, t)
     torch.testing.assert_close(forward.double(), fkl, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(reverse.double(), rkl, rtol=1e-5, atol=1e-6)
     beta = 0.3
     cases = {"fkl": fkl.mean(), "rkl": rkl.mean(), "cakld": (beta * rkl + (1 - beta) * fkl).mean(),
              "ce": -ps.log().gather(-1, labels.unsqueeze(-1)).mean()}
     for kind, want in cases.items():
-        assert train_qat.loss_fn(kind, s, t, labels, beta).item() == pytest.approx(want.item(), rel=1e-5), kind
-    assert train_qat.loss_fn("fkl", s, s, labels, beta).item() == pytest.approx(0, abs=1e-6)
+        assert qat.loop.loss_fn(kind, s, t, labels, beta).item() == pytest.approx(want.item(), rel=1e-5), kind
+    assert qat.loop.loss_fn("fkl", s, s, labels, beta).item() == pytest.approx(0, abs=1e-6)
 
 
 def test_teacher_confidence_is_mean_top1_probability():
     probs = torch.tensor([0.5, 0.25, 0.25])
     teacher = lambda x: probs.log().expand(*x.shape, 3)  # every position's top-1 probability is 0.5
     windows = torch.zeros(3, 9, dtype=torch.long)
-    conf = train_qat.teacher_confidence(teacher, windows, 2, "cpu", contextlib.nullcontext)
+    conf = teacher_confidence(teacher, windows, 2, "cpu", contextlib.nullcontext)
     assert conf == pytest.approx(0.5)
 
 
 def test_schedule_warms_up_then_follows_cosine():
-    a = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup=4, steps=14)
-    assert [train_qat.lr_at(s, a) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
-    assert train_qat.lr_at(9, a) == pytest.approx(5.5e-4)  # half-way through the decay: the mean of lr and min_lr
-    assert train_qat.lr_at(14, a) == pytest.approx(1e-4)
+    a = {"lr": 1e-3, "min_lr": 1e-4, "warmup": 4, "steps": 14}
+    assert [lr_at(s, **a) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lr_at(9, **a) == pytest.approx(5.5e-4)  # half-way through the decay: the mean of lr and min_lr
+    assert lr_at(14, **a) == pytest.approx(1e-4)
 
 
 def test_each_epoch_visits_every_window_once_in_a_seeded_order():
-    batches = [train_qat.step_windows(s, 10, 3, seed=1) for s in range(6)]  # 3 steps per epoch, 1 window dropped
+    batches = [step_windows(s, 10, 3, seed=1) for s in range(6)]  # 3 steps per epoch, 1 window dropped
     for epoch in (batches[:3], batches[3:]):
         seen = torch.cat(epoch).tolist()
         assert len(set(seen)) == 9 and max(seen) < 10
     assert not torch.equal(torch.cat(batches[:3]), torch.cat(batches[3:]))
-    assert torch.equal(train_qat.step_windows(4, 10, 3, seed=1), batches[4])
+    assert torch.equal(step_windows(4, 10, 3, seed=1), batches[4])
 
 
 # ---------------------------------------------------------------- runs
@@ -135,15 +140,15 @@ def test_run_logs_checkpoints_and_exports_a_loadable_model(files, tmp_path):
     assert all(r["tok_s"] > 0 and r["grad_norm"] > 0 and r["lr"] > 0 for r in steps)
     # Distillation moved the student towards the teacher on held-out text.
     args = train_args(files, tmp_path / "run")
-    start, _ = train_qat.build_student(args, files / "tiny", None)
+    start, _ = build_student(RunSettings.from_flags(vars(args)), files / "tiny", None)
     tokens = torch.tensor(load_tokenizer_for(files / "tiny").encode((files / "heldout.txt").read_text()))[None, :200]
     with torch.no_grad():
         teacher = load_model(files / "tiny")(tokens)
-        kl = {name: train_qat.kl_terms(m(tokens), teacher)[0].mean().item()
+        kl = {name: kl_terms(m(tokens), teacher)[0].mean().item()
               for name, m in [("start", start), ("trained", load_model(tmp_path / "run" / "model"))]}
     assert kl["trained"] < 0.95 * kl["start"]
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
-    assert [p.name for p in train_qat.checkpoints(tmp_path / "run")] == [f"step-00000{i}" for i in (2, 4, 6)]
+    assert [p.name for p in checkpoints(tmp_path / "run")] == [f"step-00000{i}" for i in (2, 4, 6)]
     config = read_config(tmp_path / "run" / "model")
     assert config["quantization"]["recipe"]["layers.0.attention.wq"] == "int2-g32-asym"
     assert config["quantization"]["method"] == "qat-cakld"
@@ -158,10 +163,10 @@ def test_exported_packed_model_equals_the_trained_fake_quant_student(files, tmp_
         extra = ["--recipe", str(recipe), "--train_scales"]
     args = train_args(files, tmp_path / "run", "--eval_every", "0", *extra)
     train_qat.train(args)
-    student, _ = train_qat.build_student(args, files / "tiny", None)
+    student, _ = build_student(RunSettings.from_flags(vars(args)), files / "tiny", None)
     params = {n: p for n, p in student.named_parameters() if p.requires_grad}
-    tensors = load_state_dict(train_qat.checkpoints(tmp_path / "run")[-1] / "state.safetensors")
-    train_qat.load_params(tensors, params, tmp_path / "run")
+    tensors = load_state_dict(checkpoints(tmp_path / "run")[-1] / "state.safetensors")
+    load_params(tensors, params, tmp_path / "run")
     if int8_head_and_scales:  # the export rounds trained scales to the fp16 a checkpoint stores; do the same to the reference
         with torch.no_grad():
             for n, p in params.items():
@@ -212,7 +217,7 @@ def test_run_killed_by_sigkill_resumes_to_the_same_weights(files, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    reached = train_qat.checkpoints(tmp_path / "killed")
+    reached = checkpoints(tmp_path / "killed")
     assert reached and reached[-1].name < "step-000020"  # killed mid-run
     train_qat.train(train_args(files, tmp_path / "killed", *slow, "--resume"))
     assert_same_tensors(final_params(tmp_path / "killed"), final_params(tmp_path / "whole"))
@@ -244,7 +249,7 @@ def test_gen_data_continues_an_interrupted_file_to_the_same_records(files, tmp_p
     lines = (tmp_path / "whole.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "cut.jsonl").write_text("".join(lines[:4]) + lines[4][:15])  # killed mid-line, mid-batch
     assert gen(tmp_path / "cut.jsonl", 7) == whole
-    tokens = train_qat.training_tokens(str(tmp_path / "cut.jsonl"), load_tokenizer_for(files / "tiny"), TINY["vocab_size"])
+    tokens = training_tokens(str(tmp_path / "cut.jsonl"), load_tokenizer_for(files / "tiny"), TINY["vocab_size"])
     assert tokens.numel() >= sum(len(r["tokens"]) for r in whole.values())
     with pytest.raises(ValueError, match="another source or prompt settings"):
         train_qat.main(["gen-data", "--checkpoint", str(files / "tiny"), "--source", str(files / "heldout.txt"),
@@ -256,17 +261,17 @@ def test_gen_data_continues_an_interrupted_file_to_the_same_records(files, tmp_p
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(files, tmp_path, monkeypatch):
     train_qat.train(train_args(files, tmp_path / "clean", "--stop_after", "2", "--eval_every", "0"))
     calls = []
-    real = train_qat.loss_fn
+    real = qat.loop.loss_fn
 
     def poisoned(*a):
         calls.append(1)
         loss = real(*a)
         return loss * float("nan") if len(calls) == 5 else loss  # step 3, first micro-batch
 
-    monkeypatch.setattr(train_qat, "loss_fn", poisoned)
+    monkeypatch.setattr(qat.loop, "loss_fn", poisoned)
     with pytest.raises(ValueError, match=r"loss is nan .* at step 3.*step-000002"):
         train_qat.train(train_args(files, tmp_path / "run", "--eval_every", "0"))
-    assert [p.name for p in train_qat.checkpoints(tmp_path / "run")] == ["step-000002"]
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["step-000002"]
     assert_same_tensors(final_params(tmp_path / "run"), final_params(tmp_path / "clean"))
     assert not (tmp_path / "run" / "model").exists()
 
