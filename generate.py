@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint
+from checkpoint import load_model, load_tokenizer_for
+from convert import resolve_checkpoint
 from cli import (
     DTYPES,
     ArgumentParser,

@@ -18,8 +18,8 @@ import safetensors.torch
 import torch
 
 from calibrate import METHODS, quantize_model
-from checkpoint import check_output_checkpoint, load_model, load_tokenizer_for, read_config, resolve_checkpoint, \
-    save_quantized
+from checkpoint import check_output_checkpoint, load_model, load_tokenizer_for, read_config, save_quantized
+from convert import resolve_checkpoint
 from cli import ArgumentParser, nonneg_int, positive_float, positive_int, run
 from eval.data import calibration_batches
 from qlinear import QuantFormat, linear_names, read_recipe, resolve_recipe

@@ -20,7 +20,8 @@ packed checkpoint (model/ unless --out), which generate.py and eval/ load with n
 from pathlib import Path
 
 import cli
-from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for, resolve_checkpoint
+from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for
+from convert import resolve_checkpoint
 from cli import add_device_args, run, setup_device
 from fileio import check_output_dir, check_output_file
 from qat.config import RunOptions, RunSettings, add_train_flags

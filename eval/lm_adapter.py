@@ -26,7 +26,8 @@ from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint  # noqa: E402
+from checkpoint import load_model, load_tokenizer_for  # noqa: E402
+from convert import resolve_checkpoint  # noqa: E402
 from cli import DTYPES  # noqa: E402
 from decoding import compile_fns, decode_one_token, generate, prefill  # noqa: E402
 

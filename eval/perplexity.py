@@ -17,7 +17,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint  # noqa: E402
+from checkpoint import load_model, load_tokenizer_for  # noqa: E402
+from convert import resolve_checkpoint  # noqa: E402
 import cli  # noqa: E402
 from cli import add_device_args, run, setup_device  # noqa: E402
 from eval.data import CORPORA, corpus_text, load_text_file  # noqa: E402

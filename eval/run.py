@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import cli  # noqa: E402
-from checkpoint import resolve_checkpoint  # noqa: E402
+from convert import resolve_checkpoint  # noqa: E402
 from cli import add_device_args, run, setup_device  # noqa: E402
 from eval.lm_adapter import TASKS_DIR, BitfastLM  # noqa: E402
 from eval.report import is_report_dir, markdown_table, metrics_from_lm_eval, write_report  # noqa: E402

@@ -15,7 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for, read_config, resolve_checkpoint
+from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for, read_config
+from convert import resolve_checkpoint
 from eval.perplexity import perplexity
 from fileio import check_output_dir
 from model import ModelArgs

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import cli  # noqa: E402
-from checkpoint import resolve_checkpoint  # noqa: E402
+from convert import resolve_checkpoint  # noqa: E402
 from cli import run  # noqa: E402
 from eval.report import is_report_dir, is_report_file, write_report  # noqa: E402
 from fileio import atomic_write, check_output_dir  # noqa: E402

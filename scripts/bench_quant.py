@@ -21,12 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from calibrate import METHODS, quantize_model
-from checkpoint import (
-    load_model,
-    load_tokenizer_for,
-    resolve_checkpoint,
-    save_quantized,
-)
+from checkpoint import load_model, load_tokenizer_for, save_quantized
+from convert import resolve_checkpoint
 from cli import ArgumentParser, nonempty, positive_int, run
 from eval.data import calibration_batches, corpus_text
 from eval.perplexity import perplexity

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import convert_gguf  # noqa: E402
+from convert import convert_gguf  # noqa: E402
 from cli import ArgumentParser, run  # noqa: E402
 
 

@@ -25,13 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.nn.functional as F
 
-from checkpoint import (
-    load_model,
-    load_tokenizer_for,
-    quant_plan,
-    read_config,
-    resolve_checkpoint,
-)
+from checkpoint import load_model, load_tokenizer_for, quant_plan, read_config
+from convert import resolve_checkpoint
 from cli import ArgumentParser, nonempty, positive_float, positive_int, run
 from eval.data import corpus_text, load_text_file
 from fileio import atomic_write, check_output_file

@@ -11,14 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import (
-    convert_gguf,
-    convert_hf,
-    is_checkpoint_dir,
-    load_model,
-    read_config,
-    save_checkpoint,
-)
+from checkpoint import is_checkpoint_dir, load_model, read_config, save_checkpoint
+from convert import convert_gguf, convert_hf
 from fileio import TEMP_TAG
 from qlinear import check_recipe
 from tests.test_model import TINY, tiny_model

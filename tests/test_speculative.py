@@ -231,7 +231,8 @@ def test_sampled_prompt_lookup_matches_the_model_distribution():
 # ---------------------------------------------------------------- the default model
 
 def test_default_model_greedy_is_unchanged_by_prompt_lookup_and_a_bf16_draft():
-    from checkpoint import load_model, load_tokenizer_for, resolve_checkpoint
+    from checkpoint import load_model, load_tokenizer_for
+    from convert import resolve_checkpoint
     ckpt = resolve_checkpoint(None)
     tok = load_tokenizer_for(ckpt)
     model = load_model(ckpt)

@@ -1,12 +1,8 @@
 """Saving tiny random models as checkpoints for the tests."""
 from pathlib import Path
 
-from checkpoint import (
-    model_state_for_saving,
-    read_config,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from checkpoint import model_state_for_saving, read_config, save_checkpoint
+from convert import resolve_checkpoint
 
 
 def save_tiny(model, out, tokenizer: bool = False) -> Path:
