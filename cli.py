@@ -98,3 +98,14 @@ def run(main):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def convert_command(doc: str, convert, source: str):
+    """The converter commands (scripts/convert_*.py): `SOURCE OUT_DIR` -> a bitfast checkpoint folder."""
+    def main():
+        p = ArgumentParser(description=doc)
+        p.add_argument(source)
+        p.add_argument("out_dir")
+        a = p.parse_args()
+        print(f"wrote {convert(getattr(a, source), a.out_dir)}")
+    run(main)

@@ -16,7 +16,7 @@ from convert import convert_gguf, convert_hf
 from fileio import TEMP_TAG
 from qlinear import check_recipe
 from tests.test_model import TINY, tiny_model
-from tests.tiny import save_tiny
+from tests.tiny import finish_gguf, save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 USER_ERRORS = (ValueError, FileNotFoundError)
@@ -257,11 +257,7 @@ def write_gguf(path, fields: dict, tensors: dict):
         w.add_key_value(key, value, kind)
     for name, t in tensors.items():
         w.add_tensor(name, np.ascontiguousarray(t))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return finish_gguf(w, path)
 
 
 GGUF_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output", "attention.wq": "attn_q",

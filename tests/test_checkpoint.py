@@ -14,7 +14,7 @@ from checkpoint import load_model, load_state_dict, read_config, save_checkpoint
 from convert import convert_gguf, convert_hf
 from memory import HUGE_PAGE
 from tests.test_model import tiny_model
-from tests.tiny import save_tiny
+from tests.tiny import finish_gguf, save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 300
@@ -140,11 +140,7 @@ def write_gguf(path, hf, qtype=gguf.GGMLQuantizationType.F32, arch="llama"):
             w.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, np.ascontiguousarray(a))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return finish_gguf(w, path)
 
 
 @pytest.mark.parametrize("tie", [False, True])

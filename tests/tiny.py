@@ -16,3 +16,12 @@ def save_tiny(model, out, tokenizer: bool = False) -> Path:
     save_checkpoint(out, model_state_for_saving(model.state_dict(), model.args),
                     {"model_args": vars(model.args), "tokenizer": meta}, files)
     return Path(out)
+
+
+def finish_gguf(writer, path) -> Path:
+    """Write a gguf.GGUFWriter's header, metadata and tensors to `path` and close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
