@@ -217,12 +217,21 @@ class QuantLinear(nn.Module):
         q = torch.clamp(_round_ste(w / s + z), 0, 2 ** self.fmt.bits - 1)
         return (q - z) * s
 
-    def train_mode(self):
+    def train_mode(self, train_scales: bool = False):
+        """Fake-quant mode: the latent float weight trains, and with `train_scales` the scales too (LSQ-style)."""
         self.latent = nn.Parameter(self.float_weight())
+        if train_scales:
+            self.scales = nn.Parameter(self.scales)
         return self
 
     def pack_latent(self):
+        """Back to packed codes. Trained scales become fixed again, rounded to the fp16 a checkpoint stores, and
+        the codes are chosen against exactly those values."""
         with torch.no_grad():
+            if isinstance(self.scales, nn.Parameter):
+                scales = _fp16_exact(self.scales.detach())
+                del self.scales
+                self.register_buffer("scales", scales)
             self.set_codes(quantize_codes(self.latent, self.scales, self.group_zeros(), self.fmt),
                            self.scales, self.zeros)
         self.latent = None

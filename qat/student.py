@@ -1,8 +1,6 @@
 """The student: the float model with its planned linears as QuantLinear in fake-quant mode (float latent weights,
 rounded on the fly with a straight-through estimator against the scales and zeros of a PTQ result), and its export
 to a normal packed checkpoint."""
-from torch import nn
-
 from calibrate import quantize_model
 from checkpoint import load_model, quant_plan, read_config, save_quantized
 from eval.data import calibration_batches
@@ -44,9 +42,7 @@ def build_student(s: RunSettings, float_ckpt, tokenizer) -> tuple:
         p.requires_grad_(False)
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            m.train_mode()
-            if s.train_scales:
-                m.scales = nn.Parameter(m.scales)  # QuantLinear has no public way to train its scales (yet)
+            m.train_mode(train_scales=s.train_scales)
         elif isinstance(m, RMSNorm):
             m.weight.requires_grad_(True)
     return model, plan
@@ -64,10 +60,6 @@ def export(model, plan, float_ckpt, out, info):
     """Pack the latents into codes (in place) and save a normal quantized checkpoint."""
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.latent is not None:
-            if isinstance(m.scales, nn.Parameter):  # trained scales: codes chosen against the fp16 values saved
-                scales = m.scales.detach().half().float()
-                del m.scales
-                m.register_buffer("scales", scales)
             m.pack_latent()
     model.tie_head()
     return save_quantized(model, plan, float_ckpt, out, info)
