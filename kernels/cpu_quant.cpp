@@ -279,43 +279,6 @@ inline __m512i unpack_slot(__m512i d, int s) {
   }
 }
 
-// Scales and zeros of rows [first, first + R) into L2, ahead of their weights.
-template <int R, typename ST>
-inline void prefetch_scales(const Weights<ST>& w, const Prep& p, int64_t first) {
-  for (int64_t i = first * p.G, e = i + R * p.G; i < e; i += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(w.s + i), _MM_HINT_T1);
-    if (w.zf) _mm_prefetch(reinterpret_cast<const char*>(w.zf + i), _MM_HINT_T1);
-    if (w.zb) _mm_prefetch(reinterpret_cast<const char*>(w.zb + i), _MM_HINT_T1);
-  }
-}
-
-// acc[r] = - sum_g s z X for rows n..n+R-1 of W and the group sums X of one row of x: the zero points' share.
-template <int R, typename ST>
-inline void zero_point_terms(const Weights<ST>& w, const Prep& p, int64_t n, const float* X, __m512* acc) {
-  const ST* s = w.s + n * p.G;
-  for (int r = 0; r < R; ++r) {
-    acc[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < p.G; g += 16) {
-      const __mmask16 k = p.G - g >= 16 ? 0xFFFF : (1u << (p.G - g)) - 1;
-      const int64_t i = (n + r) * p.G + g;
-      const __m512 z = w.zf ? load16(w.zf + i, k) : w.zb ? load16(w.zb + i, k) : _mm512_set1_ps(w.z0);
-      acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(load16(s + r * p.G + g, k), z), _mm512_maskz_loadu_ps(k, X + g), acc[r]);
-    }
-  }
-}
-
-// y[m, n + r] = the lane sum of acc[r], r < R.
-template <int R>
-inline void put_sums(const __m512* acc, const Out& y, int64_t m, int64_t n) {
-  if constexpr (R == 4) {
-    alignas(16) float out[4];
-    _mm_store_ps(out, hsum4(acc));
-    for (int r = 0; r < R; ++r) y.put(m, n + r, out[r]);
-  } else {
-    y.put(m, n, _mm512_reduce_add_ps(acc[0]));
-  }
-}
-
 // Rows n..n+R-1 of W times every row of x; R rows share each load of x.
 template <int B, int ND, int R, typename ST>
 void block_avx512(const Weights<ST>& w, const Prep& p, int64_t n, const Out& y) {
@@ -331,13 +294,27 @@ void block_avx512(const Weights<ST>& w, const Prep& p, int64_t n, const Out& y) 
   const uint8_t* rows = w.q + n * p.row_bytes;
   const ST* s = w.s + n * p.G;
   const bool one_group_per_chunk = p.one_group_per_chunk;
-  prefetch_scales<R>(w, p, n + far / p.row_bytes);  // of the rows whose weights the loop below prefetches
+  // Scales and zeros of the rows whose weights the loop below prefetches (see there).
+  for (int64_t i = (n + far / p.row_bytes) * p.G, e = i + R * p.G; i < e; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(w.s + i), _MM_HINT_T1);
+    if (w.zf) _mm_prefetch(reinterpret_cast<const char*>(w.zf + i), _MM_HINT_T1);
+    if (w.zb) _mm_prefetch(reinterpret_cast<const char*>(w.zb + i), _MM_HINT_T1);
+  }
   for (int64_t m = 0; m < p.M; ++m) {
     const Line<int8_t>* xd = p.digits.data() + m * p.chunks * ND * S;
     const Line<float>* sx = p.lane_scale.data() + m * p.chunks;
     // Zero points first (acc = - sum_g s z X), off the critical path at the end of the block.
+    const float* X = p.X.data() + m * p.G;
     __m512 acc[R];
-    zero_point_terms<R>(w, p, n, p.X.data() + m * p.G, acc);
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < p.G; g += 16) {
+        const __mmask16 k = p.G - g >= 16 ? 0xFFFF : (1u << (p.G - g)) - 1;
+        const int64_t i = (n + r) * p.G + g;
+        const __m512 z = w.zf ? load16(w.zf + i, k) : w.zb ? load16(w.zb + i, k) : _mm512_set1_ps(w.z0);
+        acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(load16(s + r * p.G + g, k), z), _mm512_maskz_loadu_ps(k, X + g), acc[r]);
+      }
+    }
     // acc += (lane sums of q * digits of x) * lane scale of x * group scale of W
     __m512 group_acc[R];
     for (int r = 0; r < R; ++r) group_acc[r] = _mm512_setzero_ps();
@@ -395,7 +372,13 @@ void block_avx512(const Weights<ST>& w, const Prep& p, int64_t n, const Out& y) 
       for (int r = 0; r < R; ++r) d[r] = _mm512_maskz_loadu_epi8(k, rows + r * p.row_bytes + c * CB);
       chunk(d, c);
     }
-    put_sums<R>(acc, y, m, n);
+    if constexpr (R == 4) {
+      alignas(16) float out[4];
+      _mm_store_ps(out, hsum4(acc));
+      for (int r = 0; r < R; ++r) y.put(m, n + r, out[r]);
+    } else {
+      y.put(m, n, _mm512_reduce_add_ps(acc[0]));
+    }
   }
 }
 
