@@ -7,12 +7,14 @@ quantizes one block given the inputs its layers see (see _quantize_block); the b
 
 Library code: imports qlinear and model, never checkpoint.py or an entry script.
 """
+import contextlib
 import functools
 import math
 import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from qlinear import QuantFormat, QuantLinear, check_weight, fake_quantize, grouped, quant_params, quantize_codes, \
     rtn_layer
@@ -165,9 +167,25 @@ def _quantize_blocks_collect_clips(model, plan, calib, method, damp, act_order, 
         t0 = time.perf_counter()
         run_block = functools.partial(model.run_blocks, x, start=i, end=i + 1, rows=1)
         clips.update(_quantize_block(block, f"layers.{i}.", run_block, plan, method, damp, act_order, seed=i))
-        x = run_block()
+        with _weights_dequantized_once(block):
+            x = run_block()
         log(f"{method}: block {i + 1}/{len(model.layers)} in {time.perf_counter() - t0:.1f}s")
     return clips
+
+
+@contextlib.contextmanager
+def _weights_dequantized_once(block):
+    """Run the block's QuantLinears (CPU, calibration-sized inputs) as kernels.dispatch does for many rows,
+    F.linear(x, dequantized weight), but dequantize each weight once rather than once per sample."""
+    layers = [m for m in block.modules() if isinstance(m, QuantLinear) and m.qweight.device.type == "cpu"]
+    for m in layers:
+        w = m.float_weight()
+        m.forward = lambda x, w=w: F.linear(x, w.to(x.dtype))
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward
 
 
 def _quantize_block(block, prefix, run_block, plan, method, damp, act_order, seed, search_tokens: int = 2048):
@@ -211,13 +229,16 @@ def _capture_inputs(run_block, modules: dict, hessian: bool, keep: bool, keep_to
     """Run the block (one sample at a time) and gather what each module sees: ({name: HessianAccumulator} when
     `hessian`, {name: up to keep_tokens of its input rows, a seeded random sample} when `keep`)."""
     hessians = {n: HessianAccumulator(m.in_features) for n, m in modules.items()} if hessian else {}
-    seen = {}
+    seen, shares, last = {}, {}, [None, None]  # last: (input tensor, module that accumulated it)
 
     def hook(name):
         def record(module, inputs, output):  # returns None: a hook's return value would replace the output
             a = inputs[0].reshape(-1, inputs[0].shape[-1])
-            if hessian:
+            if hessian and inputs[0] is last[0]:  # q/k/v (and w1/w3) read one input: accumulate it once
+                shares[name] = last[1]
+            elif hessian:
                 hessians[name].add(a)
+                last[:] = inputs[0], name
             if keep:
                 seen.setdefault(name, []).append(a)
         return record
@@ -227,6 +248,8 @@ def _capture_inputs(run_block, modules: dict, hessian: bool, keep: bool, keep_to
     finally:
         for h in hooks:
             h.remove()
+    for name, owner in shares.items():
+        hessians[name].h, hessians[name].n = hessians[owner].h.clone(), hessians[owner].n
     g = torch.Generator().manual_seed(seed)
     acts = {}
     for n, chunks in seen.items():
