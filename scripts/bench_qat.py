@@ -138,7 +138,8 @@ def ptq_rows(a, fmt, ckpt, tok, tokens, work, scores) -> tuple:
     rows = [("float (teacher)", "-", ppl_of(ckpt, tokens, a.context, scores))]
     ptq = {}
     for method in ("rtn", "gptq", "awq"):
-        folder, seconds = build(ckpt, f"{fmt.name}:{method}", calib, work, quantize_output=False)  # head float
+        folder, seconds = build(ckpt, f"{fmt.name}:{method}", calib, work, quantize_output=False,  # head float
+                                log=lambda msg, m=method: print(f"  PTQ {m}: {msg}", file=sys.stderr, flush=True))
         ptq[method] = (folder, ppl_of(folder, tokens, a.context, scores))
         cost = f"{seconds:.0f} s" + (f" ({a.calib_samples} x 512 calibration tokens)" if method != "rtn" else "")
         rows.append((f"PTQ {method.upper()}" + ("+clip" if method == "awq" else ""), cost, ptq[method][1]))

@@ -83,7 +83,7 @@ def kept_quantization(out: Path):
     return kept if isinstance(kept, dict) and isinstance(kept.get("seconds"), (int, float)) else None
 
 
-def build(ckpt, config: str, calib, out_dir: Path, quantize_output: bool):
+def build(ckpt, config: str, calib, out_dir: Path, quantize_output: bool, log):
     """Quantize the float checkpoint per config into out_dir (reusing a checkpoint a previous run left there);
     returns (the folder to load, seconds the quantization took)."""
     if config == "float":
@@ -105,7 +105,8 @@ def build(ckpt, config: str, calib, out_dir: Path, quantize_output: bool):
     if quantize_output:  # int8: at 4 bits the tied head/embedding alone costs more perplexity than the body
         recipe["layers"] = {"output": "int8", **recipe.get("layers", {})}
     plan = resolve_recipe(recipe, linear_names(model))
-    quantize_model(model, plan, method, calib if calibration else None, log=lambda s: None)
+    log(f"quantizing with {method}")
+    quantize_model(model, plan, method, calib if calibration else None, log=log)
     seconds = round(time.perf_counter() - t0, 1)
     return save_quantized(model, plan, ckpt, out, {"method": method, "seconds": seconds, "calibration": calibration}), seconds
 
@@ -228,8 +229,11 @@ def benchmark(a, out_root: Path):
     print("\n| config | bits/weight (linears) | size MB | ppl BoolQ | ppl LAMBADA | decode tok/s | quantize s |")
     print("|---|---|---|---|---|---|---|")
     for config in a.configs:
+        def log(msg, config=config):  # progress on stderr, so stdout stays the table
+            print(f"  {config}: {msg}", file=sys.stderr, flush=True)
         torch.set_num_threads(os.cpu_count())  # quantizing and scoring use every core; decode uses --threads
-        q, qtime = build(ckpt, config, calib, out_root, not a.no_quantize_output)
+        q, qtime = build(ckpt, config, calib, out_root, not a.no_quantize_output, log)
+        log("perplexity on " + ", ".join(texts))
         ppl = scores_of(q, texts, a.context, out_root / SCORES)
         size = (Path(q) / "model.safetensors").stat().st_size / 1e6
         speed = ""
@@ -237,6 +241,7 @@ def benchmark(a, out_root: Path):
             torch.set_num_threads(a.threads)
             formats = layout(q)
             if formats not in speeds:
+                log(f"decode speed (compile, then {a.runs} runs)")
                 speeds[formats] = decode_speed(q, prompt, a.new_tokens, a.runs)
             speed = f"{speeds[formats]:.1f}"
             answers[config] = greedy_answer(q, prompt, a.new_tokens, tok)
