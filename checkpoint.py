@@ -85,7 +85,7 @@ def is_checkpoint_dir(folder) -> bool:
     """A folder bitfast wrote as a checkpoint: config.json with model_args, and no file a checkpoint never holds."""
     folder = Path(folder)
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = read_json(folder / "config.json")
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and "model_args" in config and all(

@@ -65,19 +65,15 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
             raise ValueError(f"unsupported rope scaling {kind!r} (supported: llama3)")
         scaling = {k: scaling.get(k) for k in ("factor", "low_freq_factor", "high_freq_factor",
                                                "original_max_position_embeddings")}
-    n_head, dim = cfg["num_attention_heads"], cfg["hidden_size"]
-    head_dim = cfg.get("head_dim") or (dim // n_head if _positive_ints(dim, n_head) else -1)
+    n_head = cfg["num_attention_heads"]
     return ModelArgs.from_dict(dict(
         block_size=cfg.get("max_position_embeddings", 2048), vocab_size=cfg["vocab_size"],
-        n_layer=cfg["num_hidden_layers"], n_head=n_head, dim=dim, intermediate_size=cfg["intermediate_size"],
-        n_local_heads=cfg.get("num_key_value_heads") or n_head, head_dim=head_dim,
+        n_layer=cfg["num_hidden_layers"], n_head=n_head, dim=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        n_local_heads=cfg.get("num_key_value_heads") or n_head, head_dim=cfg.get("head_dim") or -1,
         rope_base=cfg.get("rope_theta", rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0),
         norm_eps=cfg.get("rms_norm_eps", 1e-5), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         rope_scaling=scaling))
-
-
-def _positive_ints(*values) -> bool:
-    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
 
 
 def hf_to_interleaved(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -109,7 +105,7 @@ def _read_hf_weights(folder: Path) -> dict:
 
 def hf_tokenizer_files(folder: Path) -> tuple:
     """Copy the tokenizer file as-is; record its chat template and bos/eos so our Tokenizer can apply them."""
-    from tokenizer import detect_chat_template, detect_default_system_prompt
+    from tokenizer import detect_chat_template, detect_default_system_prompt, token_ids
     meta, files = {}, {}
     for name in ("tokenizer.json", "tokenizer.model"):
         if (folder / name).is_file():
@@ -127,17 +123,11 @@ def hf_tokenizer_files(folder: Path) -> tuple:
     if "add_bos_token" in tcfg:
         meta["add_bos"] = bool(tcfg["add_bos_token"])
     if meta["file"] == "tokenizer.json":  # tokenizer.json knows its tokens but not which ones are bos/eos
-        data = read_json(folder / "tokenizer.json")
-        try:
-            ids = {t["content"]: t["id"] for t in data.get("added_tokens") or []}
-            ids = {**data.get("model", {}).get("vocab", {}), **ids}
-        except (AttributeError, KeyError, TypeError):
-            raise ValueError(f"{folder / 'tokenizer.json'}: model.vocab must be an object and added_tokens a list of "
-                             "{content, id} objects") from None
+        ids = token_ids(read_json(folder / "tokenizer.json"), folder / "tokenizer.json")
         for key in ("bos", "eos"):
             tok = tcfg.get(f"{key}_token")
             tok = tok.get("content") if isinstance(tok, dict) else tok
-            if isinstance(tok, str) and isinstance(ids.get(tok), int):
+            if isinstance(tok, str) and tok in ids:
                 meta[f"{key}_id"] = ids[tok]
     return meta, files
 
@@ -251,12 +241,12 @@ def args_from_gguf(reader, path) -> ModelArgs:
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
     g = lambda k, *d, kind=int: _gguf_number(reader, path, f"llama.{k}", kind, *d)  # noqa: E731
-    n_head, dim = g("attention.head_count"), g("embedding_length")
+    n_head = g("attention.head_count")
     fields = dict(
         block_size=g("context_length", 2048), vocab_size=g("vocab_size", int(tensors["token_embd.weight"].shape[-1])),
-        n_layer=g("block_count"), n_head=n_head, dim=dim, intermediate_size=g("feed_forward_length"),
+        n_layer=g("block_count"), n_head=n_head, dim=g("embedding_length"), intermediate_size=g("feed_forward_length"),
         n_local_heads=g("attention.head_count_kv", n_head),
-        head_dim=g("attention.key_length", g("rope.dimension_count", dim // n_head if n_head > 0 else -1)),
+        head_dim=g("attention.key_length", g("rope.dimension_count", -1)),
         rope_base=g("rope.freq_base", 10000.0, kind=float),
         norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5, kind=float),
         tie_embeddings="output.weight" not in tensors)

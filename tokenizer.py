@@ -17,6 +17,8 @@ from pathlib import Path
 import sentencepiece
 import tiktoken
 
+from fileio import read_json
+
 # Hugging Face ByteLevel(use_regex=True): the GPT-2 split.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Meta's Llama 3 split (also the Split regex of HF Llama 3 tokenizer.json files).
@@ -414,6 +416,13 @@ def _added_tokens(data: dict, source: str) -> dict[str, int]:
     return added
 
 
+def token_ids(data: dict, source: str) -> dict[str, int]:
+    """Every token of a parsed tokenizer.json by its text: model.vocab, then added_tokens (which win), checked."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    return {**_vocab(_field(data, "model", dict, source), source), **_added_tokens(data, source)}
+
+
 def tokenizer_from_json(data: dict, source: str, bos_id=None, eos_id=None, add_bos=None, **kwargs) -> TiktokenTokenizer:
     """A byte-level BPE tokenizer from a parsed HF tokenizer.json. bos defaults to what its post-processor adds."""
     if not isinstance(data, dict):
@@ -509,11 +518,7 @@ def load_tokenizer(path: str | Path, *, bos_id=None, eos_id=None, add_bos=None, 
             raise ValueError(f"{path}: the checkpoint's tokenizer setting {name} must be "
                              f"{JSON_KINDS[kinds.get(name, bool)]} or null, got {value!r:.60}")
     if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        tok = tokenizer_from_json(data, str(path), add_bos=add_bos, **kwargs)
+        tok = tokenizer_from_json(read_json(path), str(path), add_bos=add_bos, **kwargs)
     else:
         add_bos = True if add_bos is None else add_bos  # Llama 2/3 prompts start with bos
         load = load_tiktoken_model if _is_tiktoken_file(path) else SentencePieceTokenizer

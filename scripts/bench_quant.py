@@ -21,14 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from calibrate import METHODS, quantize_model
-from checkpoint import load_model, load_tokenizer_for, save_quantized
+from checkpoint import load_model, load_tokenizer_for, read_config, save_quantized
 from convert import resolve_checkpoint
 from cli import ArgumentParser, nonempty, positive_int, run
 from eval.data import calibration_batches, corpus_text
 from eval.perplexity import perplexity
-from fileio import TEMP_TAG, atomic_write, check_output_dir, read_json
+from fileio import TEMP_TAG, atomic_write, check_output_dir
 from decoding import compile_fns, generate
-from qlinear import QuantFormat, check_recipe, linear_names, resolve_recipe
+from qlinear import QuantFormat, linear_names, read_recipe, resolve_recipe
 
 DEFAULT_CONFIGS = ("float,int8,int4-g128-asym:rtn,int4-g128-asym:gptq,int4-g128-asym:awq,int4-g64-sym:rtn,"
                    "int3-g128-asym:rtn,int3-g128-asym:gptq,int3-g128-asym:awq,"
@@ -47,7 +47,7 @@ def check_config(config: str) -> str:
         raise argparse.ArgumentTypeError(f"{config}: unknown method {method!r} ({', '.join(METHODS)})")
     if config.startswith("recipe:"):
         try:
-            check_recipe(read_json(spec))
+            read_recipe(spec)
         except OSError as e:
             raise argparse.ArgumentTypeError(f"{config}: cannot read the recipe {spec} ({e.strerror})") from None
         except ValueError as e:
@@ -99,7 +99,7 @@ def build(ckpt, config: str, calib, out_dir: Path, quantize_output: bool, log):
     t0 = time.perf_counter()
     model = load_model(ckpt)
     if hybrid:
-        recipe = json.loads(Path(spec).read_text())
+        recipe = read_recipe(spec)
     else:
         recipe = {"default": QuantFormat.parse(spec).name}
     if quantize_output:  # int8: at 4 bits the tied head/embedding alone costs more perplexity than the body
@@ -157,13 +157,11 @@ def greedy_answer(ckpt, prompt, new_tokens, tok) -> str:
 
 def layout(ckpt) -> str:
     """The per-layer formats: checkpoints that share them (RTN / GPTQ / AWQ of one format) decode at one speed."""
-    return json.dumps((json.loads((Path(ckpt) / "config.json").read_text()).get("quantization") or {}).get("recipe"),
-                      sort_keys=True)
+    return json.dumps((read_config(ckpt).get("quantization") or {}).get("recipe"), sort_keys=True)
 
 
 def bits_per_weight(ckpt) -> float:
-    cfg = json.loads((Path(ckpt) / "config.json").read_text())
-    recipe = (cfg.get("quantization") or {}).get("recipe")
+    recipe = (read_config(ckpt).get("quantization") or {}).get("recipe")
     if not recipe:
         return 32.0
     model = load_model(ckpt)
