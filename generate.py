@@ -132,7 +132,7 @@ def load_speculator(args, model, tokenizer, dtype):
     if load_tokenizer_for(draft_ckpt, verify).encode(probe) != tokenizer.encode(probe):
         raise ValueError(f"{draft_ckpt}: the draft model's tokenizer differs from the model's")
     draft = load_model(draft_ckpt, device=args.device, dtype=DTYPES[args.draft_dtype] if args.draft_dtype else dtype,
-                       verify=verify)
+                       verify=verify, fuse=True)
     if draft.args.vocab_size != model.args.vocab_size:
         raise ValueError(f"{draft_ckpt}: the draft model has a vocabulary of {draft.args.vocab_size} tokens, the "
                          f"model {model.args.vocab_size}: a draft must share the model's vocabulary")
@@ -151,7 +151,7 @@ def main(argv=None):
         check_output_dir(args.profile, is_profile_dir, "profile")
     ckpt = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer_for(ckpt, verify=not args.skip_checksum)
-    model = load_model(ckpt, device=args.device, dtype=dtype, verify=not args.skip_checksum)
+    model = load_model(ckpt, device=args.device, dtype=dtype, verify=not args.skip_checksum, fuse=True)
     if args.max_seq_length and args.max_seq_length > model.args.block_size:
         raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the model's context of "
                          f"{model.args.block_size} tokens")

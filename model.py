@@ -267,13 +267,19 @@ class Attention(nn.Module):
         self.wk = linear(f"{name}.wk", args.dim, args.n_local_heads * args.head_dim)
         self.wv = linear(f"{name}.wv", args.dim, args.n_local_heads * args.head_dim)
         self.wo = linear(f"{name}.wo", args.n_head * args.head_dim, args.dim)
+        self.wqkv: Optional[nn.Module] = None  # wq|wk|wv as one layer, set for inference by qlinear.fuse_projections
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x, freqs, mask, input_pos):
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_head, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        if self.wqkv is not None:
+            kv_size = self.n_local_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(bsz, seqlen, self.n_head, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         q, k = apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if input_pos is not None:
@@ -308,9 +314,14 @@ class FeedForward(nn.Module):
         self.w1 = linear(f"{name}.w1", args.dim, args.intermediate_size)  # gate
         self.w3 = linear(f"{name}.w3", args.dim, args.intermediate_size)  # up
         self.w2 = linear(f"{name}.w2", args.intermediate_size, args.dim)  # down
+        self.w13: Optional[nn.Module] = None  # w1|w3 as one layer, set for inference by qlinear.fuse_projections
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class RMSNorm(nn.Module):

@@ -29,7 +29,7 @@ from fileio import read_json
 from kernels.dispatch import dequantize_weight, quant_linear
 from kernels.formats import SCALAR_BITS, scalar_format
 from kernels.packing import pack, unpack
-from model import float_linear
+from model import Linear, float_linear
 
 _WIDTHS = ", ".join(map(str, SCALAR_BITS[:-1])) + f" or {SCALAR_BITS[-1]}"
 _FORMAT_NAME = re.compile(r"int(" + "|".join(map(str, SCALAR_BITS)) + r")(?:-(?:g(\d+)|pc))?(?:-(sym|asym))?")
@@ -239,6 +239,43 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, {self.fmt.name}"
+
+
+def fuse_linears(layers: list):
+    """One layer computing what `layers` (sharing their input) compute, outputs concatenated; None when they are not
+    all packed QuantLinear of one format or all float Linear of one dtype (e.g. training or wrapped layers).
+    Output rows are independent in every kernel, so the fused layer gives each row as the separate one did."""
+    first = layers[0]
+    if all(type(m) is QuantLinear and m.latent is None and m.fmt == first.fmt and m.in_features == first.in_features
+           for m in layers):
+        with torch.device("meta"):
+            fused = QuantLinear(first.in_features, sum(m.out_features for m in layers), first.fmt)
+        for buf in ("qweight", "scales", "zeros"):
+            setattr(fused, buf, None if first.zeros is None and buf == "zeros"
+                    else torch.cat([getattr(m, buf) for m in layers]))
+        return fused
+    if all(type(m) is Linear and m.weight.dtype == first.weight.dtype for m in layers):
+        with torch.device("meta"):
+            fused = Linear(first.in_features, sum(m.out_features for m in layers))
+        fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in layers]), requires_grad=False)
+        return fused
+    return None
+
+
+def fuse_projections(model) -> int:
+    """For inference: q|k|v and gate|up of every block become one layer each, so a decode step reads each input
+    once and makes 4 linear calls per block instead of 7. The separate layers are dropped (no second copy of the
+    weights); a fused model is for running, not for saving or training. Returns how many layers were fused."""
+    fused = 0
+    for block in model.layers:
+        attn, ffn = block.attention, block.feed_forward
+        if attn.wqkv is None and (wqkv := fuse_linears([attn.wq, attn.wk, attn.wv])) is not None:
+            attn.wqkv, attn.wq, attn.wk, attn.wv = wqkv, None, None, None
+            fused += 1
+        if ffn.w13 is None and (w13 := fuse_linears([ffn.w1, ffn.w3])) is not None:
+            ffn.w13, ffn.w1, ffn.w3 = w13, None, None
+            fused += 1
+    return fused
 
 
 def _round_ste(x):

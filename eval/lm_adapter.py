@@ -80,7 +80,7 @@ class BitfastLM(LM):
         if model is None:
             ckpt = resolve_checkpoint(checkpoint)
             dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or torch.float32
-            model, tokenizer = load_model(ckpt, device=device, dtype=dtype), load_tokenizer_for(ckpt)
+            model, tokenizer = load_model(ckpt, device=device, dtype=dtype, fuse=True), load_tokenizer_for(ckpt)
             self.name = ckpt.name
         else:
             self.name = "model"

@@ -79,7 +79,7 @@ def main(argv=None):
     tokens = torch.tensor(tokenizer.encode(text, bos=tokenizer.add_bos, allow_special=False), dtype=torch.long)
     if args.max_tokens:
         tokens = tokens[:args.max_tokens]
-    model = load_model(ckpt, device=args.device, dtype=dtype)
+    model = load_model(ckpt, device=args.device, dtype=dtype, fuse=True)
     t0 = time.perf_counter()
     result = perplexity(model, tokens, args.context, args.batch_size, args.device)
     seconds = time.perf_counter() - t0

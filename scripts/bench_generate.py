@@ -115,7 +115,7 @@ def section_decode(a, ckpt, tokenizer, bw, dtypes):
     print("| model | dtype | decode | tok/s median | min-max | weights MB | achieved GB/s | roofline tok/s | "
           "% of roofline |")
     print("|---|---|---|---|---|---|---|---|---|")
-    models = [("SmolLM2-135M", lambda dt: load_model(ckpt, a.device, dt))]
+    models = [("SmolLM2-135M", lambda dt: load_model(ckpt, a.device, dt, fuse=True))]
     if a.llama2_7b_random:
         models.append(("Llama-2-7B (random)", lambda dt: random_llama2_7b(a.device, dt)))
     for name, build in models:
@@ -159,12 +159,12 @@ def section_methods(a, ckpt, tokenizer, bw, dtype, results):
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, path in checkpoints:
         torch._dynamo.reset()
-        model = load_model(path, a.device, dtype)
+        model = load_model(path, a.device, dtype, fuse=True)
         fit_caches(model, longest, a.device, dtype)
         nbytes = weight_bytes(model)
         prefill_fn, decode_fn = compile_fns(a.device)
         methods = {"plain": {}}
-        draft_models = [load_model(d, a.device, dtype) for d in drafts] if label == "float" else []
+        draft_models = [load_model(d, a.device, dtype, fuse=True) for d in drafts] if label == "float" else []
         for k in ks:
             verify_fn = compile_step(verify, a.device)
             fast = {"speculate_k": k, "verify_fn": verify_fn}
@@ -224,7 +224,7 @@ def shared_prefix_requests(tokenizer, prefix_tokens, n_questions):
 def section_prefill(a, ckpt, tokenizer, dtype):
     requests = shared_prefix_requests(tokenizer, a.prefix_tokens, a.runs + 1)
     shared = min(len(r) for r in requests)
-    model = load_model(ckpt, a.device, dtype)
+    model = load_model(ckpt, a.device, dtype, fuse=True)
     fit_caches(model, max(len(r) for r in requests) + 16, a.device, dtype)
     print(f"\n### Prefill cache\n\n{len(requests) - 1} requests of {min(len(r) for r in requests)}-"
           f"{max(len(r) for r in requests)} tokens that share a document prefix; time to first token, median "
@@ -282,7 +282,7 @@ def section_hf(a, ckpt, tokenizer, dtype):
     from transformers import AutoModelForCausalLM
     gguf = default_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype).eval()
-    ours = load_model(ckpt, a.device, dtype)
+    ours = load_model(ckpt, a.device, dtype, fuse=True)
     prompts = {"open-ended": [chat_ids(tokenizer, p) for p in OPEN_ENDED[:a.open]],
                "grounded": [chat_ids(tokenizer, p) for p in grounded_prompts(a.grounded)]}
     k = max(int(x) for x in a.k.split(","))

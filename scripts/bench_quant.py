@@ -140,7 +140,7 @@ def read_scores(cache: Path) -> dict:
 def decode_speed(ckpt, prompt, new_tokens, runs) -> float:
     """Median compiled decode tokens/s over `runs` (after a compiling run)."""
     torch._dynamo.reset()
-    model = load_model(ckpt, dtype=torch.bfloat16)
+    model = load_model(ckpt, dtype=torch.bfloat16, fuse=True)
     model.setup_caches(1, -(-(prompt.numel() + new_tokens) // 64) * 64, dtype=torch.bfloat16)
     prefill_fn, decode_fn = compile_fns("cpu")
     speeds = [generate(model, prompt, new_tokens, prefill_fn=prefill_fn, decode_fn=decode_fn)[1].decode_tokens_per_s
@@ -149,7 +149,7 @@ def decode_speed(ckpt, prompt, new_tokens, runs) -> float:
 
 
 def greedy_answer(ckpt, prompt, new_tokens, tok) -> str:
-    model = load_model(ckpt, dtype=torch.bfloat16)
+    model = load_model(ckpt, dtype=torch.bfloat16, fuse=True)
     model.setup_caches(1, prompt.numel() + new_tokens, dtype=torch.bfloat16)
     answer, _ = generate(model, prompt, new_tokens, stop_ids=tok.stop_ids)
     return tok.decode([t for t in answer.tolist() if t not in tok.stop_ids])
