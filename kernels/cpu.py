@@ -36,10 +36,13 @@ _error: Optional[str] = None
 # C++ (a Python kernel, as torch.library.custom_op makes, costs more per eager call than a few-row product).
 torch.library.define("bitfast::quant_gemv",
                      "(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size) -> Tensor")
+torch.library.define("bitfast::quant_dequantize", "(Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
+                     "int group_size, int k, ScalarType dtype) -> Tensor")
 torch.library.define("bitfast::dense_gemv", "(Tensor x, Tensor w) -> Tensor")
 torch.library.define("bitfast::few_query_attention",
                      "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos) -> Tensor")
 _op = torch.ops.bitfast.quant_gemv.default
+_dequantize_op = torch.ops.bitfast.quant_dequantize.default
 _dense_op = torch.ops.bitfast.dense_gemv.default
 _attention_op = torch.ops.bitfast.few_query_attention.default
 # Changing a define changes extra_cflags, which torch's extension versioner hashes: the cached build is redone.
@@ -56,6 +59,17 @@ def _build_then_call(x, qweight, scales, zeros, bits, group_size):
     """Reached only while no CPU kernel is registered: builds it, after which the dispatcher picks it."""
     _build_for("quant_gemv", x)
     return _op(x, qweight, scales, zeros, bits, group_size)
+
+
+@torch.library.register_fake("bitfast::quant_dequantize")
+def _(qweight, scales, zeros, bits, group_size, k, dtype):
+    return qweight.new_empty(qweight.shape[0], k, dtype=dtype)
+
+
+@torch.library.impl("bitfast::quant_dequantize", "CompositeExplicitAutograd")
+def _build_then_call_dequantize(qweight, scales, zeros, bits, group_size, k, dtype):
+    _build_for("quant_dequantize", qweight)
+    return _dequantize_op(qweight, scales, zeros, bits, group_size, k, dtype)
 
 
 @torch.library.register_fake("bitfast::dense_gemv")
@@ -120,6 +134,14 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     group_size: a multiple of 8 (the last group of a row may be shorter), 0 for one group per row.
     """
     return _op(x, qweight, scales, zeros, bits, group_size)
+
+
+def quant_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], bits: int,
+                     group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight W [N, K] = (q - z) * s (computed in fp32) as `dtype` (fp32 or bf16), from qweight, scales and zeros
+    laid out as for quant_gemv: what a many-row product multiplies by. Equal to kernels.packing.dequantize_packed
+    (then cast), rows split across threads."""
+    return _dequantize_op(qweight, scales, zeros, bits, group_size, k, dtype)
 
 
 def dense_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -420,7 +420,99 @@ void run(Prep& p, const float* x, bool bf16_x, int64_t bits, const Weights<ST>& 
   });
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Dequantize: W[n, k] = (q - z) * s in fp32, stored as OT, the float weight a many-row product (prefill, scoring)
+// multiplies by. The same math as kernels.packing.dequantize_packed, rows split across threads.
+
+template <int B, typename OT, typename ST, typename ZT>
+void dequantize_rows(const uint8_t* q, const ST* s, const ZT* z, float z0, int64_t K, int64_t g, int64_t G,
+                     int64_t n0, int64_t n1, OT* out) {
+  constexpr int W = B == 3 ? 8 : 8 / B;  // codes per packed word
+  constexpr uint32_t mask = (1u << B) - 1;
+  const int64_t row_bytes = K * B / 8;
+  std::vector<float> codes(K);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = q + n * row_bytes;
+    if constexpr (B == 8) {
+      for (int64_t k = 0; k < K; ++k) codes[k] = float(int32_t(int8_t(row[k])) + 128);  // stored as q - 128
+    } else {
+      for (int64_t j = 0; j < K / W; ++j) {
+        const uint32_t word = B == 3 ? row[3 * j] | row[3 * j + 1] << 8 | row[3 * j + 2] << 16 : row[j];
+        for (int i = 0; i < W; ++i) codes[j * W + i] = float((word >> (B * i)) & mask);
+      }
+    }
+    OT* o = out + n * K;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const float sc = float(s[n * G + gi]), zp = z ? float(z[n * G + gi]) : z0;
+      const int64_t end = std::min(K, (gi + 1) * g);
+#pragma omp simd
+      for (int64_t k = gi * g; k < end; ++k) o[k] = OT((codes[k] - zp) * sc);
+    }
+  }
+}
+
+template <int B, typename OT, typename ST, typename ZT>
+void dequantize_all(const uint8_t* q, const ST* s, const ZT* z, float z0, int64_t N, int64_t K, int64_t g,
+                    int64_t G, OT* out) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
+    dequantize_rows<B, OT, ST, ZT>(q, s, z, z0, K, g, G, n0, n1, out);
+  });
+}
+
+template <typename OT, typename ST, typename ZT>
+void dequantize_bits(int64_t bits, const uint8_t* q, const ST* s, const ZT* z, float z0, int64_t N, int64_t K,
+                     int64_t g, int64_t G, OT* out) {
+  if (bits == 2) dequantize_all<2, OT, ST, ZT>(q, s, z, z0, N, K, g, G, out);
+  else if (bits == 3) dequantize_all<3, OT, ST, ZT>(q, s, z, z0, N, K, g, G, out);
+  else if (bits == 4) dequantize_all<4, OT, ST, ZT>(q, s, z, z0, N, K, g, G, out);
+  else dequantize_all<8, OT, ST, ZT>(q, s, z, z0, N, K, g, G, out);
+}
+
+template <typename OT, typename ST>
+void dequantize_zeros(int64_t bits, const uint8_t* q, const ST* s, const at::Tensor& zc, float z0, int64_t N,
+                      int64_t K, int64_t g, int64_t G, OT* out) {
+  if (!zc.defined()) dequantize_bits<OT, ST, float>(bits, q, s, nullptr, z0, N, K, g, G, out);
+  else if (zc.scalar_type() == at::kFloat) dequantize_bits<OT, ST, float>(bits, q, s, zc.data_ptr<float>(), z0, N, K, g, G, out);
+  else dequantize_bits<OT, ST, bf16>(bits, q, s, zc.data_ptr<bf16>(), z0, N, K, g, G, out);
+}
+
 }  // namespace
+
+// [N, K] float weights of `dtype` (fp32 or bf16) from a QuantLinear's qweight, scales and zeros; the schema is
+// defined in kernels/cpu.py.
+at::Tensor quant_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                            int64_t bits, int64_t group_size, int64_t K, at::ScalarType dtype) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "quant_dequantize: bits must be 2, 3, 4 or 8, got ", bits);
+  TORCH_CHECK(qweight.device().is_cpu() && scales.device().is_cpu(), "quant_dequantize: tensors must be on the CPU");
+  const int64_t word = bits == 3 ? 8 : 8 / bits;
+  TORCH_CHECK(K > 0 && K % word == 0, "quant_dequantize: ", bits, "-bit rows need K to be a multiple of ", word, ", got ", K);
+  TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) == K * bits / 8 &&
+              qweight.scalar_type() == (bits == 8 ? at::kChar : at::kByte),
+              "quant_dequantize: qweight must be [N, K * bits / 8] ", bits == 8 ? "int8" : "uint8", ", got ",
+              qweight.sizes(), " ", qweight.scalar_type());
+  const int64_t N = qweight.size(0), g = group_size ? group_size : K, G = (K + g - 1) / g;
+  TORCH_CHECK(group_size >= 0 && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G &&
+              (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
+              "quant_dequantize: scales must be fp32 or bf16 [", N, ", ", G, "], got ", scales.sizes());
+  const bool asym = zeros.has_value() && zeros->defined();
+  TORCH_CHECK(!asym || (zeros->device().is_cpu() && zeros->sizes() == scales.sizes() &&
+                        (zeros->scalar_type() == at::kFloat || zeros->scalar_type() == at::kBFloat16)),
+              "quant_dequantize: zeros must be fp32 or bf16 shaped like scales");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "quant_dequantize: dtype must be float32 or bfloat16");
+  const at::Tensor qw = qweight.contiguous(), sc = scales.contiguous();
+  const at::Tensor zc = asym ? zeros->contiguous() : at::Tensor();
+  const auto* q = static_cast<const uint8_t*>(qw.data_ptr());
+  const float z0 = float(1 << (bits - 1));
+  at::Tensor out = at::empty({N, K}, qweight.options().dtype(dtype));
+  if (dtype == at::kFloat) {
+    if (sc.scalar_type() == at::kFloat) dequantize_zeros<float, float>(bits, q, sc.data_ptr<float>(), zc, z0, N, K, g, G, out.data_ptr<float>());
+    else dequantize_zeros<float, bf16>(bits, q, sc.data_ptr<bf16>(), zc, z0, N, K, g, G, out.data_ptr<float>());
+  } else {
+    if (sc.scalar_type() == at::kFloat) dequantize_zeros<bf16, float>(bits, q, sc.data_ptr<float>(), zc, z0, N, K, g, G, out.data_ptr<bf16>());
+    else dequantize_zeros<bf16, bf16>(bits, q, sc.data_ptr<bf16>(), zc, z0, N, K, g, G, out.data_ptr<bf16>());
+  }
+  return out;
+}
 
 // x [..., K] -> [..., N]; the schema is defined in kernels/cpu.py.
 at::Tensor quant_gemv(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
@@ -490,4 +582,5 @@ at::Tensor quant_gemv(const at::Tensor& x_in, const at::Tensor& qweight, const a
 
 TORCH_LIBRARY_IMPL(bitfast, CPU, m) {
   m.impl("quant_gemv", &quant_gemv);
+  m.impl("quant_dequantize", &quant_dequantize);
 }

@@ -7,7 +7,7 @@ Which kernel serves which bit width is read from kernels/formats.py; "a few rows
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu import cpu_kernels_available, quant_gemv
+from kernels.cpu import cpu_kernels_available, quant_dequantize, quant_gemv
 from kernels.formats import FEW_ROWS, scalar_format
 from kernels.packing import dequantize_packed
 
@@ -56,7 +56,10 @@ def quant_linear(x, qweight, scales, zeros, bits: int, group_size: int, k: int) 
         z = zeros if zeros is not None else torch.full_like(scales, 2 ** (bits - 1))
         y = quant_matmul(x.reshape(rows, k), qweight, scales, z, bits, group_size or k)
         return y.view(*x.shape[:-1], -1)
-    if (x.device.type == "cpu" and fmt.cpu_gemv and rows <= FEW_ROWS and x.dtype in (torch.float32, torch.bfloat16)
-            and _cpu_kernels_ready()):
-        return quant_gemv(x, qweight, scales, zeros, bits, group_size)
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _cpu_kernels_ready():
+        if fmt.cpu_gemv and rows <= FEW_ROWS:
+            return quant_gemv(x, qweight, scales, zeros, bits, group_size)
+        # Many rows (prefill, scoring): the matmul dominates; the C++ dequantize keeps the weight's expansion small
+        # beside it (the tensor-op unpacking of dequantize_weight cost as much as the matmul at 512 rows).
+        return F.linear(x, quant_dequantize(qweight, scales, zeros, bits, group_size, k, x.dtype))
     return F.linear(x, dequantize_weight(qweight, scales, zeros, bits, group_size, k).to(x.dtype))

@@ -11,8 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernels.cpu import (  # noqa: E402
-    cpu_kernels_available, cpu_kernels_error, dense_gemv, few_query_attention, quant_gemv)
-from kernels.packing import pack  # noqa: E402
+    cpu_kernels_available, cpu_kernels_error, dense_gemv, few_query_attention, quant_dequantize, quant_gemv)
+from kernels.packing import dequantize_packed, pack  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -128,6 +128,35 @@ def test_compiled_quant_linear_calls_the_kernel():
         y = torch.compile(m, fullgraph=True)(x)
     assert "bitfast::quant_gemv" in {e.name for e in prof.events()}
     check(x.view(1, -1), w_ref, y.view(1, -1))
+
+
+# quant_dequantize: the weight that many-row products (prefill, scoring) multiply by
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("group_size", [0, 24, 64, 128])  # 24: not a power of two; 128 and 24 ragged at K = 200
+@pytest.mark.parametrize("asym", [True, False])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_equals_float64_and_the_tensor_op_version(bits, group_size, asym, scale_dtype):
+    k = 200 if bits != 3 else 192
+    (qweight, scales, zeros), w_ref = make(37, k, bits, group_size, asym, scale_dtype)
+    w32 = quant_dequantize(qweight, scales, zeros, bits, group_size, k, torch.float32)
+    torch.testing.assert_close(w32.double(), w_ref, rtol=1e-6, atol=1e-7)
+    if bits != 8:  # the tensor-op version reads the packed layout (int8 is stored offset to signed)
+        assert torch.equal(w32, dequantize_packed(qweight, scales, zeros, bits, group_size or k, k))
+    assert torch.equal(quant_dequantize(qweight, scales, zeros, bits, group_size, k, torch.bfloat16),
+                       w32.to(torch.bfloat16))
+
+
+def test_dequantize_rejects_bad_inputs():
+    (qweight, scales, zeros), _ = make(8, 128, 4, 32, asym=True)
+    with pytest.raises(RuntimeError, match="bits must be"):
+        quant_dequantize(qweight, scales, zeros, 5, 32, 128, torch.float32)
+    with pytest.raises(RuntimeError, match="qweight must be"):
+        quant_dequantize(qweight, scales, zeros, 4, 32, 120, torch.float32)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        quant_dequantize(qweight, scales[:, :-1], zeros, 4, 32, 128, torch.float32)
+    with pytest.raises(RuntimeError, match="dtype must be"):
+        quant_dequantize(qweight, scales, zeros, 4, 32, 128, torch.float16)
 
 
 # dense_gemv: the float Linear's kernel for decode and speculative verify (1-8 rows)
