@@ -77,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=nonneg_int, default=1234)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
-    add_device_args(p)
+    add_device_args(p, bf16_on_capable_cpus=True)
     p.add_argument("--max_seq_length", type=positive_int, default=None,
                    help="KV cache length (default: fits the request)")
     p.add_argument("--skip_checksum", action="store_true",
