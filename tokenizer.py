@@ -126,8 +126,9 @@ class TiktokenTokenizer(Tokenizer):
         self.encoding, self.id_bytes, self.rank_ids = encoding, id_bytes, rank_ids
         self.nfc = nfc  # tokenizer.json asks for NFC-normalized input (Qwen)
         self.pre_splits = [regex.compile(p) for p in pre_splits]
-        self.special_pattern = regex.compile("|".join(map(regex.escape, sorted(special_tokens, key=len, reverse=True)))
-                                             or r"(?!)")
+        if pre_splits:  # tiktoken takes special tokens out itself when it splits alone
+            specials = sorted(special_tokens, key=len, reverse=True)
+            self.special_pattern = regex.compile("|".join(map(regex.escape, specials)) or r"(?!)")
 
     def _encode_text(self, text, allow_special):
         if self.nfc:
