@@ -395,8 +395,8 @@ def byte_level_tokenizer(vocab: dict[str, int], merges: list, added: dict[str, i
 
 def covering_pattern(pattern: str) -> str:
     """`pattern`, or else a run of text up to where it next matches: the pieces of an "Isolated" split, matches
-    and the runs between them, as one regex's matches. tiktoken would drop the runs (llama.cpp writes GPT-2's split without its
-    last alternative, the catch-all for whitespace, so a space before a newline is such a run)."""
+    and the runs between them, as one regex's matches. tiktoken would drop the runs (llama.cpp writes GPT-2's
+    split without its last alternative, the catch-all for whitespace, so a lone newline before a word is a run)."""
     return f"(?:{pattern})|(?:(?!(?:{pattern}))[\\s\\S])+"
 
 

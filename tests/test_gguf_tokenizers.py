@@ -22,8 +22,8 @@ NORMAL, UNKNOWN, CONTROL, UNUSED, BYTE = 1, 2, 3, 5, 6  # llama.cpp's token type
 N_PAD = 3  # llama.cpp pads a vocabulary shorter than the embedding with "[PADi]" tokens
 
 # Whitespace runs, digits, and characters the vocabulary lacks (byte fallback).
-SP_TEXTS = ["  two leading", "a   b\t\tc\n\nd ", "12345 678.9 -0.25", "Ünïcödé ß ½ ٣", "日本語のテキスト 😀👍🏽",
-            "𝔘𝔫𝔦 \x00\x7f", "<s>x</s> <unk>", " ", ""]
+SP_TEXTS = ["  two leading", "a   b\t\tc\n\nd ", "12345 678.9 -0.25", "Ünïcödé ß ½ ٣",
+            "日本語のテキスト 😀👍🏽", "𝔘𝔫𝔦 \x00\x7f", "<s>x</s> <unk>", " ", ""]
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,8 @@ def test_gguf_pre_tokenizers_match_hf_split_steps(tiny_bpe, pre):
                                    [CONTROL if t in special else NORMAL for t in tokens], pre)
     hf = tokenizers.Tokenizer.from_str(json.dumps(tiny_bpe))
     hf.pre_tokenizer = hf_pre_tokenizer(GGUF_PRE_TOKENIZERS[pre])
-    texts = [*TEXTS, "x = 1234567; y=[a|b]^2 + $c~d`e", "\u2126mega \u212aelvin \u212bngstr\u00f6m \u1f7d \u1fd3", "Text.\r\n\r\n  \n end  "]
+    texts = [*TEXTS, "x = 1234567; y=[a|b]^2 + $c~d`e", "Text.\r\n\r\n  \n end  ",
+             "\u2126mega \u212aelvin \u212bngstr\u00f6m \u1f7d \u1fd3"]  # letters NFC would replace
     for text, ref in zip(texts, hf.encode_batch(texts)):
         assert ours.encode(text) == ref.ids, (pre, text)
 
@@ -197,3 +198,11 @@ def test_unknown_gguf_pre_tokenizer_is_one_line_from_the_cli(tmp_path):
     r = run_cli(["scripts/convert_gguf.py", str(path), str(tmp_path / "out")])
     assert_one_line_error(r, str(path), "GGUF pre-tokenizer 'kimi-k2' is not supported", "llama-bpe", "deepseek-llm")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+@pytest.mark.parametrize("pre,add_bos", [("llama-bpe", True), ("tekken", True), ("gpt-2", False), ("qwen2", False)])
+def test_gguf_bpe_adds_bos_by_default_as_llama_cpp_does(tmp_path, pre, add_bos):
+    model = tiny_model()
+    path = write_gguf(tmp_path / "m.gguf", {**gguf_fields(model), "tokenizer.ggml.pre": pre}, gguf_tensors(model))
+    tok = load_tokenizer_for(convert_gguf(path, tmp_path / "out"))
+    assert (tok.add_bos, tok.bos_id, tok.add_eos) == (add_bos, 1, False)
