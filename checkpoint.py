@@ -26,7 +26,7 @@ CACHE_DIR = Path(os.environ.get("BITFAST_CACHE", Path(__file__).resolve().parent
 
 # Every file a checkpoint folder may hold: a folder holding anything else is not ours to replace.
 CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer.model", "awq_clip.safetensors"}
-TOKENIZER_FIELDS = {"file": str, "bos_id": int, "eos_id": int, "add_bos": bool, "chat_template": str,
+TOKENIZER_FIELDS = {"file": str, "bos_id": int, "eos_id": int, "add_bos": bool, "add_eos": bool, "chat_template": str,
                     "default_system_prompt": str}
 
 

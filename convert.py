@@ -256,41 +256,90 @@ def args_from_gguf(reader, path) -> ModelArgs:
         raise ValueError(f"{path}: GGUF metadata: {e}") from None
 
 
-def gguf_tokenizer_files(reader, path, vocab_size: int) -> tuple:
-    from tokenizer import bpe_tokenizer_json_from_gguf, detect_chat_template, detect_default_system_prompt
-    model = _gguf_field(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(f"{path}: GGUF tokenizer {model!r} is not supported (bitfast reads byte-level BPE 'gpt2'); "
-                         "convert the Hugging Face folder instead")
-    tokens, merges, types, pre = (_gguf_field(reader, f"tokenizer.ggml.{k}")
-                                  for k in ("tokens", "merges", "token_type", "pre"))
-    merges = [] if merges is None else merges  # both optional
-    types = [] if types is None else types
-    lists = {"tokens": (tokens, str), "merges": (merges, str), "token_type": (types, int)}
-    for key, (values, kind) in lists.items():
-        if not isinstance(values, list) or not all(isinstance(v, kind) for v in values):
+def _is_a(value, kind) -> bool:
+    """isinstance, except that a bool is no number and a whole number is also a float."""
+    return not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else kind)
+
+
+def _gguf_token_lists(reader, path, vocab_size: int, model: str) -> dict:
+    """The GGUF vocabulary's lists (tokens, merges, token_type, scores), checked; absent optional ones empty."""
+    kinds = {"tokens": str, "token_type": int, **({"scores": float} if model == "llama" else {"merges": str})}
+    lists = {}
+    for key, kind in kinds.items():
+        values = _gguf_field(reader, f"tokenizer.ggml.{key}")
+        values = [] if values is None and key != "tokens" else values
+        if not isinstance(values, list) or not all(_is_a(v, kind) for v in values):
             raise ValueError(f"{path}: GGUF metadata tokenizer.ggml.{key} should be a list of {kind.__name__}")
-    if not tokens or types and len(types) != len(tokens):
-        raise ValueError(f"{path}: GGUF tokenizer has {len(tokens)} tokens and {len(types)} token types")
+        lists[key] = values
+    tokens = lists["tokens"]
+    if not tokens:
+        raise ValueError(f"{path}: GGUF metadata tokenizer.ggml.tokens is empty")
+    for key in ("token_type", "scores"):
+        if lists.get(key) and len(lists[key]) != len(tokens):
+            raise ValueError(f"{path}: GGUF tokenizer has {len(tokens)} tokens but {len(lists[key])} "
+                             f"tokenizer.ggml.{key} entries")
     if len(tokens) > vocab_size:
         raise ValueError(f"{path}: the tokenizer has {len(tokens)} tokens, the model's embedding only {vocab_size}")
-    ids = {k: _gguf_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos")}
-    for k, v in ids.items():
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(tokens)):
-            raise ValueError(f"{path}: GGUF metadata tokenizer.ggml.{k}_token_id {v!r} is not a token id "
-                             f"(0..{len(tokens) - 1})")
+    return lists
+
+
+def _gguf_token_ids(reader, path, n_tokens: int, defaults: dict) -> dict:
+    """bos/eos/unk ids (`tokenizer.ggml.{name}_token_id`, else `defaults`), checked to be token ids."""
+    ids = {}
+    for name, default in defaults.items():
+        key = "unknown" if name == "unk" else name
+        v = _gguf_field(reader, f"tokenizer.ggml.{key}_token_id", default)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n_tokens):
+            raise ValueError(f"{path}: GGUF metadata tokenizer.ggml.{key}_token_id {v!r} is not a token id "
+                             f"(0..{n_tokens - 1})")
+        ids[name] = v
+    return ids
+
+
+def _gguf_flag(reader, path, key: str, default: bool) -> bool:
+    v = _gguf_field(reader, f"tokenizer.ggml.{key}", default)
+    if not isinstance(v, bool):
+        raise ValueError(f"{path}: GGUF metadata tokenizer.ggml.{key} should be true or false, got {v!r}")
+    return v
+
+
+def gguf_tokenizer_files(reader, path, vocab_size: int) -> tuple:
+    """The GGUF's tokenizer as a checkpoint stores it: SentencePiece ('llama') as tokenizer.model, byte-level BPE
+    ('gpt2') as tokenizer.json. bos/eos and whether to add them default as in llama.cpp."""
+    from tokenizer import (GGUF_PRE_LLAMA3_STYLE, bpe_tokenizer_json_from_gguf, detect_chat_template,
+                           detect_default_system_prompt, sentencepiece_model_from_gguf)
+    model = _gguf_field(reader, "tokenizer.ggml.model")
+    if model not in ("llama", "gpt2"):
+        raise ValueError(f"{path}: GGUF tokenizer {model!r} is not supported (bitfast reads SentencePiece 'llama' "
+                         "and byte-level BPE 'gpt2'); convert the Hugging Face folder instead")
+    lists = _gguf_token_lists(reader, path, vocab_size, model)
+    tokens, types = lists["tokens"], lists["token_type"]
     template = _gguf_field(reader, "tokenizer.chat_template")
     if template is not None and not isinstance(template, str):
         raise ValueError(f"{path}: GGUF metadata tokenizer.chat_template should be text")
+    pre = _gguf_field(reader, "tokenizer.ggml.pre")
+    flags = {key: _gguf_flag(reader, path, key, default) for key, default in (
+        ("add_bos_token", model == "llama" or isinstance(pre, str) and pre in GGUF_PRE_LLAMA3_STYLE),
+        ("add_eos_token", False),
+        ("add_space_prefix", True))}
+    if model == "llama":  # llama.cpp's SentencePiece defaults: <unk> 0, <s> 1, </s> 2
+        ids = _gguf_token_ids(reader, path, len(tokens), {"bos": 1, "eos": 2, "unk": 0})
+    else:
+        ids = _gguf_token_ids(reader, path, len(tokens), {"bos": None, "eos": None})
     try:
-        tokenizer_json = bpe_tokenizer_json_from_gguf(tokens, merges, types, pre)
+        if model == "llama":
+            name, data = "tokenizer.model", sentencepiece_model_from_gguf(
+                tokens, lists["scores"] or [0.0] * len(tokens), types or [1] * len(tokens), unk_id=ids["unk"],
+                bos_id=ids["bos"], eos_id=ids["eos"], add_space_prefix=flags["add_space_prefix"])
+        else:
+            name, data = "tokenizer.json", json.dumps(bpe_tokenizer_json_from_gguf(tokens, lists["merges"], types, pre),
+                                                      ensure_ascii=False)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    meta = {"file": "tokenizer.json", "bos_id": ids["bos"], "eos_id": ids["eos"],
-            "add_bos": bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", False)),
-            "chat_template": detect_chat_template(template),
+    meta = {"file": name, "bos_id": ids["bos"], "eos_id": ids["eos"], "add_bos": flags["add_bos_token"],
+            "add_eos": flags["add_eos_token"], "chat_template": detect_chat_template(template),
             "default_system_prompt": detect_default_system_prompt(template)}
-    return meta, {"tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False)}
+    return meta, {name: data}
 
 
 def convert_gguf(path, out_dir) -> Path:

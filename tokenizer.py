@@ -14,8 +14,10 @@ import re
 import unicodedata
 from pathlib import Path
 
+import regex
 import sentencepiece
 import tiktoken
+from sentencepiece import sentencepiece_model_pb2
 
 from fileio import read_json
 
@@ -63,24 +65,26 @@ class Tokenizer:
     end-of-turn tokens the vocab has."""
 
     def __init__(self, special_tokens: dict[str, int], vocab_size: int, bos_id=None, eos_id=None, add_bos=False,
-                 chat_template=None, default_system_prompt=None):
+                 add_eos=False, chat_template=None, default_system_prompt=None):
         if chat_template not in (None, *CHAT_TEMPLATES):
             raise ValueError(f"unknown chat template {chat_template!r}; expected one of {CHAT_TEMPLATES} or None")
         self.special_tokens = special_tokens
         self.vocab_size = vocab_size
         self.bos_id, self.eos_id = bos_id, eos_id
         self.add_bos = add_bos  # whether prompts should start with bos (pass it to encode)
+        self.add_eos = add_eos  # whether whole documents should end with eos (GGUF add_eos_token; pass it to encode)
         self.chat_template = chat_template
         self.default_system_prompt = default_system_prompt  # used when a conversation has no system message
         ends = {special_tokens[t] for t in END_TOKENS if t in special_tokens}
         self.stop_ids = ends | ({eos_id} if eos_id is not None else set())
 
-    def encode(self, text: str, bos: bool = False, allow_special: bool = True) -> list[int]:
+    def encode(self, text: str, bos: bool = False, allow_special: bool = True, eos: bool = False) -> list[int]:
         """Token ids of `text`; with allow_special, special-token strings in it become their ids."""
-        if bos and self.bos_id is None:
-            raise ValueError("this tokenizer has no bos token")
+        for wanted, name in ((bos, "bos"), (eos, "eos")):
+            if wanted and getattr(self, f"{name}_id") is None:
+                raise ValueError(f"this tokenizer has no {name} token")
         ids = self._encode_text(text, allow_special)
-        return [self.bos_id, *ids] if bos else ids
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
@@ -111,18 +115,27 @@ class Tokenizer:
 
 
 class TiktokenTokenizer(Tokenizer):
-    """tiktoken does the BPE; `rank_ids` maps its ranks to our ids where they differ (byte-level BPE)."""
+    """tiktoken does the BPE; `rank_ids` maps its ranks to our ids where they differ (byte-level BPE).
+
+    tiktoken splits with one regex (its pattern). A pre-tokenizer of several regexes in sequence (DeepSeek, Falcon)
+    runs all but the last here, as `pre_splits`, and hands tiktoken each piece."""
 
     def __init__(self, encoding: tiktoken.Encoding, id_bytes: list[bytes], special_tokens: dict[str, int],
-                 rank_ids: list[int] | None = None, nfc: bool = False, **kwargs):
+                 rank_ids: list[int] | None = None, nfc: bool = False, pre_splits: tuple[str, ...] = (), **kwargs):
         super().__init__(special_tokens, len(id_bytes), **kwargs)
         self.encoding, self.id_bytes, self.rank_ids = encoding, id_bytes, rank_ids
         self.nfc = nfc  # tokenizer.json asks for NFC-normalized input (Qwen)
+        self.pre_splits = [regex.compile(p) for p in pre_splits]
+        if pre_splits:  # tiktoken takes special tokens out itself when it splits alone
+            specials = sorted(special_tokens, key=len, reverse=True)
+            self.special_pattern = regex.compile("|".join(map(regex.escape, specials)) or r"(?!)")
 
     def _encode_text(self, text, allow_special):
         if self.nfc:
             text = unicodedata.normalize("NFC", text)
-        if allow_special:
+        if self.pre_splits:
+            ranks = self._encode_pre_split(text, allow_special)
+        elif allow_special:
             ranks = self.encoding.encode(text, allowed_special="all", disallowed_special=())
         else:
             ranks = self.encoding.encode_ordinary(text)
@@ -135,6 +148,35 @@ class TiktokenTokenizer(Tokenizer):
     def decode_bytes(self, ids):
         id_bytes = self.id_bytes
         return b"".join([id_bytes[i] for i in ids])
+
+    def _encode_pre_split(self, text: str, allow_special: bool) -> list[int]:
+        """tiktoken ranks of `text` split by each of `pre_splits` in turn, special tokens first taken out whole."""
+        ranks, at = [], 0
+        specials = self.special_pattern.finditer(text) if allow_special else ()
+        for match in [*specials, None]:
+            pieces = [text[at:match.start() if match else len(text)]]
+            for pattern in self.pre_splits:
+                pieces = [p for piece in pieces for p in split_isolated(pattern, piece)]
+            for piece in pieces:
+                ranks.extend(self.encoding.encode_ordinary(piece))
+            if match:
+                ranks.append(self.encoding.encode_single_token(match.group()))
+                at = match.end()
+        return ranks
+
+
+def split_isolated(pattern: regex.Pattern, text: str) -> list[str]:
+    """`text` cut at `pattern`'s matches, which stand alone, and the runs between them kept (HF Split "Isolated")."""
+    pieces, at = [], 0
+    for match in pattern.finditer(text):
+        if match.start() > at:
+            pieces.append(text[at:match.start()])
+        if match.end() > match.start():
+            pieces.append(match.group())
+        at = match.end()
+    if at < len(text):
+        pieces.append(text[at:])
+    return pieces
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -190,6 +232,44 @@ def _sp_piece_bytes(sp, i) -> bytes:
     if sp.is_unknown(i):
         return " \u2047 ".encode()  # SentencePiece's default surface for <unk>
     return piece.replace("▁", " ").encode()
+
+
+SP_PIECE = sentencepiece_model_pb2.ModelProto.SentencePiece
+# llama.cpp's GGUF token types are SentencePiece's piece types, number for number.
+SP_PIECE_TYPES = {SP_PIECE.NORMAL, SP_PIECE.UNKNOWN, SP_PIECE.CONTROL, SP_PIECE.USER_DEFINED, SP_PIECE.UNUSED,
+                  SP_PIECE.BYTE}
+
+
+def sentencepiece_model_from_gguf(tokens: list[str], scores: list[float], token_type: list[int], *, unk_id=None,
+                                  bos_id=None, eos_id=None, add_space_prefix=True) -> bytes:
+    """A serialized SentencePiece model for a GGUF 'llama' vocabulary (`tokenizer.ggml.*` fields), tokenizing as
+    llama.cpp does: BPE that merges the adjacent pair whose joined piece scores highest, no Unicode normalization,
+    spaces written as "▁" with one before the text, and bytes outside the vocabulary as their <0xXX> pieces."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    for i, (token, score, kind) in enumerate(zip(tokens, scores, token_type)):
+        if kind not in SP_PIECE_TYPES:
+            raise ValueError(f"GGUF token {i} ({token!r}) has type {kind}, not a llama.cpp token type (1-6)")
+        proto.pieces.add(piece=token, score=score, type=kind)
+    if SP_PIECE.UNKNOWN in token_type:
+        unk_id = token_type.index(SP_PIECE.UNKNOWN) if unk_id is None else unk_id
+    elif unk_id is not None:  # llama.cpp finds <unk> by its id alone
+        proto.pieces[unk_id].type = SP_PIECE.UNKNOWN
+    spec = proto.trainer_spec
+    spec.model_type, spec.vocab_size = spec.BPE, len(tokens)
+    spec.byte_fallback = SP_PIECE.BYTE in token_type
+    for name, token_id in (("unk", unk_id), ("bos", bos_id), ("eos", eos_id)):
+        setattr(spec, f"{name}_id", -1 if token_id is None else token_id)
+        if token_id is not None:
+            setattr(spec, f"{name}_piece", tokens[token_id])
+    norm = proto.normalizer_spec
+    norm.name, norm.add_dummy_prefix, norm.escape_whitespaces = "identity", add_space_prefix, True
+    norm.remove_extra_whitespaces = False  # llama.cpp's SentencePiece tokenizer keeps every space
+    data = proto.SerializeToString()
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=data)
+    except RuntimeError as e:
+        raise ValueError(f"GGUF vocabulary is not a valid SentencePiece model ({str(e).splitlines()[0]})") from None
+    return data
 
 
 # ---------------------------------------------------------------- chat templates
@@ -281,12 +361,13 @@ def _token_bytes(token: str, source: str) -> bytes:
         raise ValueError(f"{source}: token {token!r} is not written in the byte-level BPE alphabet") from None
 
 
-def byte_level_tokenizer(vocab: dict[str, int], merges: list, added: dict[str, int], pattern: str, source: str,
-                         **kwargs) -> TiktokenTokenizer:
+def byte_level_tokenizer(vocab: dict[str, int], merges: list, added: dict[str, int], splits: list[str],
+                         source: str, **kwargs) -> TiktokenTokenizer:
     """Byte-level BPE on tiktoken: a merged token's rank is its first merge's position, after the 256 bytes.
 
     tiktoken then merges the lowest-ranked adjacent pair whose bytes form a token, which is the BPE merge order.
-    Added tokens are tiktoken special tokens; `rank_ids` maps tiktoken's ranks back to the vocab's ids."""
+    Added tokens are tiktoken special tokens; `rank_ids` maps tiktoken's ranks back to the vocab's ids.
+    `splits` are the pre-tokenizer's regexes in order; tiktoken runs the last."""
     id_bytes = [b""] * (max([*vocab.values(), *added.values()]) + 1)
     for token, i in vocab.items():
         if token not in added:
@@ -306,13 +387,22 @@ def byte_level_tokenizer(vocab: dict[str, int], merges: list, added: dict[str, i
             rank_ids.append(token_id)
     special = {token: len(rank_ids) + k for k, token in enumerate(added)}
     rank_ids.extend(added.values())
-    encoding = tiktoken.Encoding(source, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
-    return TiktokenTokenizer(encoding, id_bytes, dict(added), rank_ids=rank_ids, **kwargs)
+    encoding = tiktoken.Encoding(source, pat_str=covering_pattern(splits[-1]), mergeable_ranks=ranks,
+                                 special_tokens=special)
+    return TiktokenTokenizer(encoding, id_bytes, dict(added), rank_ids=rank_ids, pre_splits=tuple(splits[:-1]),
+                             **kwargs)
 
 
-def _split_pre_tokenizer(pattern: str) -> dict:
+def covering_pattern(pattern: str) -> str:
+    """`pattern`, or else a run of text up to where it next matches: the pieces of an "Isolated" split, matches
+    and the runs between them, as one regex's matches. tiktoken would drop the runs (llama.cpp writes GPT-2's
+    split without its last alternative, the catch-all for whitespace, so a lone newline before a word is a run)."""
+    return f"(?:{pattern})|(?:(?!(?:{pattern}))[\\s\\S])+"
+
+
+def _split_pre_tokenizer(*patterns: str) -> dict:
     return {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+        *({"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False} for p in patterns),
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
 
 
@@ -344,22 +434,24 @@ def _field(data, path: str, kind, source: str, at: str = ""):
     return value
 
 
-def pattern_from_pre_tokenizer(pre: dict | None, source: str) -> str:
-    """The single split regex equivalent to a tokenizer.json `pre_tokenizer` we support."""
+def splits_from_pre_tokenizer(pre: dict | None, source: str) -> list[str]:
+    """The regexes, applied in turn, equivalent to a tokenizer.json `pre_tokenizer` we support: ByteLevel with
+    its regex (GPT-2), Digits then ByteLevel (SmolLM2), or Split ("Isolated") steps then ByteLevel without one."""
     steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
     if isinstance(steps, list) and steps and all(isinstance(s, dict) for s in steps):
         kinds = [s.get("type") for s in steps]
         if not any(s.get("add_prefix_space") for s in steps):
             if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-                return GPT2_PATTERN
+                return [GPT2_PATTERN]
             if (kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
                     and steps[1].get("use_regex", True)):
-                return SMOLLM_PATTERN
-            pattern = steps[0].get("pattern")
-            if (kinds == ["Split", "ByteLevel"] and isinstance(pattern, dict) and isinstance(pattern.get("Regex"), str)
-                    and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
-                    and not steps[1].get("use_regex", True)):
-                return pattern["Regex"]
+                return [SMOLLM_PATTERN]
+            splits = [s.get("pattern") for s in steps[:-1]]
+            if (len(steps) > 1 and kinds == ["Split"] * len(splits) + ["ByteLevel"]
+                    and all(isinstance(p, dict) and isinstance(p.get("Regex"), str) for p in splits)
+                    and all(s.get("behavior") == "Isolated" and not s.get("invert") for s in steps[:-1])
+                    and not steps[-1].get("use_regex", True)):
+                return [p["Regex"] for p in splits]
     raise ValueError(f"{source}: unsupported pre-tokenizer {json.dumps(pre)[:300]}")
 
 
@@ -434,7 +526,7 @@ def tokenizer_from_json(data: dict, source: str, bos_id=None, eos_id=None, add_b
     normalizer = data.get("normalizer")
     if normalizer not in (None, {"type": "NFC"}):
         raise ValueError(f"{source}: unsupported normalizer {json.dumps(normalizer)[:200]}")
-    pattern = pattern_from_pre_tokenizer(data.get("pre_tokenizer"), source)
+    splits = splits_from_pre_tokenizer(data.get("pre_tokenizer"), source)
     vocab, merges, added = _vocab(model, source), _merges(model, source), _added_tokens(data, source)
     # Ids are dense in every tokenizer.json we know; a larger one is damage, and would size the id table.
     if max([*vocab.values(), *added.values()]) >= len(vocab) + len(added):
@@ -443,20 +535,75 @@ def tokenizer_from_json(data: dict, source: str, bos_id=None, eos_id=None, add_b
     template_bos = _bos_from_post_processor(data.get("post_processor"), source)
     bos_id = template_bos if bos_id is None else bos_id
     add_bos = template_bos is not None if add_bos is None else add_bos
-    return byte_level_tokenizer(vocab, merges, added, pattern, source, nfc=normalizer is not None,
+    return byte_level_tokenizer(vocab, merges, added, splits, source, nfc=normalizer is not None,
                                 bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, **kwargs)
 
 
-GGUF_PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer, "gpt-2": _gpt2_pre_tokenizer, "default": _gpt2_pre_tokenizer,
-                       "llama-bpe": lambda: _split_pre_tokenizer(LLAMA3_PATTERN),
-                       "llama3": lambda: _split_pre_tokenizer(LLAMA3_PATTERN)}
+# llama.cpp's byte-level BPE pre-tokenizers (llama-vocab.cpp): the regexes each applies in turn, by the
+# `tokenizer.ggml.pre` names that select it. Where llama.cpp rewrote a tokenizer.json regex for its own regex
+# engine, this keeps the tokenizer.json original it was rewritten from.
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"""
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+CJK_RUN = "[一-龥ࠀ-一가-퟿]+"
+FINNISH_SPLIT = r" ?[^(\s|.,!?…。，、।۔،)]+"
+# Tekken (Mistral Nemo) and o200k (GPT-4o, Llama 4): a word is its capitals then its lower-case letters.
+TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+                  r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
+                  r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+O200K_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+                 r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+                 r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PRE_NAMES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
+GGUF_PRE_SPLITS = [
+    (("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "exaone4", "gigachat", "a.x-4.0", "mellum",
+      "granite-docling", "jina-es", "jina-de", "jina-v2-es", "jina-v2-de"), (GPT2_SPLIT,)),
+    (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"), (r"\p{N}", GPT2_SPLIT)),
+    ((*LLAMA3_PRE_NAMES, "dbrx", "smaug-bpe", "chatglm-bpe", "glm4"), (LLAMA3_PATTERN,)),
+    (("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2", "hunyuan", "grok-2"), (QWEN2_PATTERN,)),
+    (("deepseek-llm",), (
+        r"[\r\n]",
+        # \u escapes: these letters have canonical equivalents that text tools silently substitute.
+        "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\u1f7dᾀ-ᾴᾶ-ᾼ\u1fbeῂ-ῄῆ-ῌῐ-\u1fd3ῖ-\u1fdbῠ-Ῥῲ-ῴῶ-ῼ"
+        "ℂℇℊ-ℓℕℙ-ℝℤ\u2126ℨ\u212a-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+        r"\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$", CJK_RUN, r"\p{N}+")),
+    (("deepseek-coder",), (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", CJK_RUN, r"\p{N}")),
+    (("deepseek-v3", "hunyuan-dense"), (
+        r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
+        r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+        r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")),
+    (("falcon",), (r"[\p{P}\$\+<=>\^~\|`]+", GPT2_SPLIT, "[0-9][0-9][0-9]")),
+    (("default",), (r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]")),
+    (("poro-chat", "bloom", "gpt3-finnish"), (FINNISH_SPLIT,)),
+    (("viking",), (FINNISH_SPLIT, r"\p{N}")),
+    (("tekken",), (TEKKEN_PATTERN,)),
+    (("gpt-4o", "llama4", "minimax-m2"), (O200K_PATTERN,)),
+    (("seed-coder",), (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+"
+                       r"|\s*[\r\n]+|\s+(?!\S)|\s+",)),
+]
+GGUF_PRE_TOKENIZERS = {name: splits for names, splits in GGUF_PRE_SPLITS for name in names}
+# Pre-tokenizers llama.cpp runs with ignore_merges (a piece that is a token is that token, as in tiktoken) and
+# with bos added when the GGUF does not say (`tokenizer.ggml.add_bos_token`).
+GGUF_PRE_LLAMA3_STYLE = {*LLAMA3_PRE_NAMES, "tekken"}
 GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # llama.cpp token types that are added tokens
+
+
+def gguf_pre_tokenizer(pre) -> dict:
+    """The tokenizer.json `pre_tokenizer` for a GGUF `tokenizer.ggml.pre` name, as Hugging Face writes it."""
+    if not isinstance(pre, str) or pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
+    splits = GGUF_PRE_TOKENIZERS[pre]
+    if splits == (GPT2_SPLIT,):
+        return _gpt2_pre_tokenizer()
+    if splits == (r"\p{N}", GPT2_SPLIT):
+        return _smollm_pre_tokenizer()
+    return _split_pre_tokenizer(*splits)
 
 
 def bpe_tokenizer_json_from_gguf(tokens: list[str], merges: list[str], token_type: list[int], pre: str) -> dict:
     """A HF tokenizer.json (as a dict) for GGUF byte-level BPE data (`tokenizer.ggml.*` fields)."""
-    if not isinstance(pre, str) or pre not in GGUF_PRE_TOKENIZERS:
-        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
+    pre_tokenizer = gguf_pre_tokenizer(pre)
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError("GGUF vocab has duplicate tokens; it cannot be written as tokenizer.json")
@@ -465,10 +612,11 @@ def bpe_tokenizer_json_from_gguf(tokens: list[str], merges: list[str], token_typ
              for i, (token, kind) in enumerate(zip(tokens, token_type)) if kind in (GGUF_CONTROL, GGUF_USER_DEFINED)]
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": GGUF_PRE_TOKENIZERS[pre](), "post_processor": None,
+        "pre_tokenizer": pre_tokenizer, "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": pre in GGUF_PRE_LLAMA3_STYLE,
                   "vocab": vocab, "merges": list(merges)},
     }
 
@@ -491,17 +639,17 @@ def tokenizer_from_gguf(reader) -> TiktokenTokenizer:
     model = field("tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(f"GGUF tokenizer model {model!r} is not supported (bitfast reads byte-level BPE 'gpt2')")
-    template = field("tokenizer.chat_template")
+    template, pre = field("tokenizer.chat_template"), field("tokenizer.ggml.pre")
     return bpe_tokenizer_from_gguf(
         field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges"), field("tokenizer.ggml.token_type"),
-        field("tokenizer.ggml.pre"), bos_token_id=field("tokenizer.ggml.bos_token_id"),
-        eos_token_id=field("tokenizer.ggml.eos_token_id"), add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
+        pre, bos_token_id=field("tokenizer.ggml.bos_token_id"), eos_token_id=field("tokenizer.ggml.eos_token_id"),
+        add_bos=bool(field("tokenizer.ggml.add_bos_token", isinstance(pre, str) and pre in GGUF_PRE_LLAMA3_STYLE)),
         chat_template=detect_chat_template(template), default_system_prompt=detect_default_system_prompt(template))
 
 
 # ---------------------------------------------------------------- entry point
 
-def load_tokenizer(path: str | Path, *, bos_id=None, eos_id=None, add_bos=None, chat_template=None,
+def load_tokenizer(path: str | Path, *, bos_id=None, eos_id=None, add_bos=None, add_eos=None, chat_template=None,
                    default_system_prompt=None) -> Tokenizer:
     """Load `tokenizer.json` (byte-level BPE) or `tokenizer.model` (tiktoken or SentencePiece).
 
@@ -513,10 +661,11 @@ def load_tokenizer(path: str | Path, *, bos_id=None, eos_id=None, add_bos=None, 
     kwargs = dict(bos_id=bos_id, eos_id=eos_id, chat_template=chat_template,
                   default_system_prompt=default_system_prompt)
     kinds = {"bos_id": int, "eos_id": int, "chat_template": str, "default_system_prompt": str}
-    for name, value in [*kwargs.items(), ("add_bos", add_bos)]:
+    for name, value in [*kwargs.items(), ("add_bos", add_bos), ("add_eos", add_eos)]:
         if value is not None and type(value) is not kinds.get(name, bool):
             raise ValueError(f"{path}: the checkpoint's tokenizer setting {name} must be "
                              f"{JSON_KINDS[kinds.get(name, bool)]} or null, got {value!r:.60}")
+    kwargs["add_eos"] = bool(add_eos)
     if path.suffix == ".json":
         tok = tokenizer_from_json(read_json(path), str(path), add_bos=add_bos, **kwargs)
     else:

@@ -1,5 +1,6 @@
 """Convert a llama-architecture GGUF file (F32/F16/BF16, Q8_0, Q4_0, Q4_1, K-quants, ...) to a bitfast checkpoint.
-Weights are dequantized to float32; the tokenizer inside the GGUF is exported as tokenizer.json.
+Weights are dequantized to float32; the tokenizer inside the GGUF is exported as tokenizer.model (SentencePiece,
+'llama') or tokenizer.json (byte-level BPE, 'gpt2', with the pre-tokenizer `tokenizer.ggml.pre` names).
 
     python scripts/convert_gguf.py model.Q4_K_M.gguf checkpoints/my-model
 """
