@@ -103,8 +103,8 @@ class LoRALinear(nn.Module):
         return y + self.scale * update
 
     def delta(self) -> torch.Tensor:
-        """scale * B @ A, float32 [N, K]: what merging adds to the base's weight."""
-        return self.scale * (self.lora_b.detach().float() @ self.lora_a.detach().float())
+        """scale * B @ A, float64 [N, K]: what merging adds to the base's weight."""
+        return self.scale * (self.lora_b.detach().double() @ self.lora_a.detach().double())
 
     def extra_repr(self):
         return f"rank={self.rank}, alpha={self.alpha}"
@@ -250,14 +250,15 @@ def merge_lora(model, method: str = "rtn", calib: torch.Tensor = None) -> dict:
     merged_float, plan = {}, {}
     for name, m in adapted_layers(model).items():
         if isinstance(m.base, QuantLinear):
-            w = m.base.float_weight() + m.delta().to(m.base.scales.device)
-            layer = Linear(m.in_features, m.out_features).to(w.device)
-            layer.weight = nn.Parameter(w, requires_grad=False)
+            w = m.base.float_weight().double() + m.delta()  # the merged float weight, the error's reference
+            with torch.device("meta"):  # the weight is assigned next: allocate none
+                layer = Linear(m.in_features, m.out_features)
+            layer.weight = nn.Parameter(w.float(), requires_grad=False)
             merged_float[name], plan[name] = w, m.base.fmt
         else:
             layer = m.base
             with torch.no_grad():
-                layer.weight += m.delta().to(layer.weight)
+                layer.weight.copy_(layer.weight.double() + m.delta())
         model.set_submodule(name, layer)
     if plan:
         quantize_model(model, plan, method, calib, log=lambda _: None)
@@ -266,12 +267,12 @@ def merge_lora(model, method: str = "rtn", calib: torch.Tensor = None) -> dict:
 
 def requantization_error(model, merged_float: dict) -> dict:
     """Relative Frobenius error ||Wq - W||_F / ||W||_F and max |Wq - W| of each re-quantized layer against its merged
-    float weight W, and over all of them together."""
+    float weight W (float64), and over all of them together."""
     layers, diff_sq, ref_sq = {}, 0.0, 0.0
     for name, w in merged_float.items():
-        d = model.get_submodule(name).float_weight().double() - w.double()
-        layers[name] = {"rel_fro": (d.norm() / w.double().norm()).item(), "max_abs": d.abs().max().item()}
-        diff_sq, ref_sq = diff_sq + d.square().sum().item(), ref_sq + w.double().square().sum().item()
+        d = model.get_submodule(name).float_weight().double() - w
+        layers[name] = {"rel_fro": (d.norm() / w.norm()).item(), "max_abs": d.abs().max().item()}
+        diff_sq, ref_sq = diff_sq + d.square().sum().item(), ref_sq + w.square().sum().item()
     if not layers:
         return {}
     return {"layers": layers, "rel_fro": math.sqrt(diff_sq / ref_sq), "max_abs": max(e["max_abs"]
