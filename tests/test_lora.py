@@ -277,6 +277,10 @@ def test_qlora_run_lowers_the_loss_and_resumes_to_the_same_adapter(files, tmp_pa
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="other LoRA settings"):
         train_lora(files, tmp_path / "part", "--dropout", "0.1", "--rank", "8", "--resume")
+    # export of the latest checkpoint: the adapter the finished run saved
+    train_qat.main(["export", "--run_dir", str(tmp_path / "part"), "--out", str(tmp_path / "exported")])
+    a, b = (load_state_dict(p / "adapter.safetensors") for p in (tmp_path / "exported", tmp_path / "whole" / "adapter"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_distillation_from_another_teacher(files, tmp_path):
@@ -317,3 +321,13 @@ def test_bad_lora_flags_are_one_line_and_exit_2(files, tmp_path, capsys, extra, 
     assert e.value.code == 2 and "Traceback" not in err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_lm_eval_adapter_applies_an_adapter_given_in_model_args(files, tmp_path):
+    from eval.lm_adapter import BitfastLM
+    model = adapted(files / "tiny-int4")
+    save_adapter(model, LoRAConfig(4, 8.0), files / "tiny-int4", tmp_path / "adapter")
+    lm = BitfastLM(checkpoint=str(files / "tiny-int4"), device="cpu", adapter=str(tmp_path / "adapter"))
+    assert lm.name == "tiny-int4+adapter"
+    with torch.no_grad():
+        assert torch.equal(lm.model(TOKENS), model(TOKENS))
