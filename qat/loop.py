@@ -19,9 +19,9 @@ from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for, read_c
 from convert import resolve_checkpoint
 from eval.perplexity import perplexity
 from fileio import check_output_dir
+from lora import is_adapter_dir, save_adapter
 from model import ModelArgs
 from qat.config import INIT_METHODS, RunOptions, RunSettings
-from lora import is_adapter_dir, save_adapter
 from qat.data import held_out_tokens, log_err, make_windows, step_windows, training_tokens
 from qat.runs import (
     append_log,
@@ -343,14 +343,13 @@ def _finish(run: Session, step: int) -> dict:
     s = run.s
     summary = {"steps": step, "tokens": step * run.tokens_per_step, "beta": run.beta,
                "seconds": time.perf_counter() - run.t_start, "finished": step == s.steps}
-    if run.main and step == s.steps and run.lora:
-        save_adapter(run.student, run.lora.config, run.float_ckpt, run.out,
-                     {"loss": s.loss, "steps": step, "tokens": summary["tokens"]})
-    elif run.main and step == s.steps:
-        export(run.student, run.plan, run.float_ckpt, run.out, {"method": f"qat-{s.loss}", "init": s.init,
-                                                                "steps": step, "tokens": summary["tokens"]})
     if run.main and step == s.steps:
-        plot_curves(run.log_path, run.run_dir / "curves.png", title=f"LoRA {s.loss}" if run.lora else f"QAT {s.loss}")
+        info = {"steps": step, "tokens": summary["tokens"]}
+        if run.lora:
+            save_adapter(run.student, run.lora.config, run.float_ckpt, run.out, {"loss": s.loss, **info})
+        else:
+            export(run.student, run.plan, run.float_ckpt, run.out, {"method": f"qat-{s.loss}", "init": s.init, **info})
+        plot_curves(run.log_path, run.run_dir / "curves.png", title=f"{'LoRA' if run.lora else 'QAT'} {s.loss}")
         summary["out"] = str(run.out)
         log_err(f"train: {step} steps, {summary['tokens']} tokens in {summary['seconds']:.0f} s -> {run.out}")
     return summary

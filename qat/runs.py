@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from checkpoint import is_checkpoint_dir, load_state_dict, load_tokenizer_for
 from convert import resolve_checkpoint
 from fileio import TEMP_TAG, atomic_dir, atomic_write, read_json
-from qat.config import RUN_FIELDS, RunSettings, saved_settings
 from lora import is_adapter_dir, save_adapter
+from qat.config import RUN_FIELDS, RunSettings, saved_settings
 from qat.data import read_own_jsonl
 from qat.lora import LoRARun, build_lora_student
 from qat.student import build_student, export

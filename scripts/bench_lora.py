@@ -4,15 +4,14 @@ the same data: final training loss, held-out perplexity, peak memory and trainin
     python scripts/bench_lora.py --steps 200 --data my.jsonl --out out/bench_lora.json
     python scripts/bench_lora.py --steps 3 --seq_len 64 --batch_size 2 --eval_tokens 512 --threads 2   # a smoke run
 
-Each mode trains in a process of its own, so the peak memory it reports is its own (CUDA: the most memory torch
-allocated; CPU: the process's peak resident set, the interpreter and torch included, so compare modes by their
-differences). All modes run one loop, so they differ only in what trains: AdamW on qat.loop.lr_at's schedule,
+Each mode trains in a process of its own and reports its memory before the model, once the model and data are
+loaded, and at the peak of the training steps (CUDA: what torch allocated; CPU: the process's resident set on
+Linux, the interpreter and torch included, so compare modes by their differences). All modes run one loop, so they differ only in what trains: AdamW on qat.loop.lr_at's schedule,
 cross-entropy on the same windows in the same order (qat.data.step_windows), one batch per step. The int4 base is
 an RTN --qformat quantization of --checkpoint, made once in the work folder (scripts/bench_quant.build), unless
 --quantized names one. Loss is the mean of the last --last steps; tokens/s leaves the first step (warm-up) out.
 """
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -65,17 +64,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def peak_memory_mb(device: str) -> float:
+def memory_mb(device: str, peak: bool) -> float:
+    """Memory in use now, or its peak since reset_peak_memory: CUDA, what torch allocated; CPU (Linux), the
+    process's resident set (VmRSS, VmHWM; not getrusage's ru_maxrss, which Linux carries over from the parent)."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2 ** 20
+    field = "VmHWM:" if peak else "VmRSS:"
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith(field)).split()[1]) / 1024
+
+
+def reset_peak_memory(device: str):
+    """Start the peak over from what is in use now (CPU: Linux's clear_refs 5 resets VmHWM to VmRSS)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def train_one(a, mode: str, dtype) -> dict:
     """Train one mode from a fresh model and report it (run in its own process)."""
     torch.manual_seed(a.seed)
     ckpt = resolve_checkpoint(a.quantized if mode == "qlora" else a.checkpoint)
-    start_mb = peak_memory_mb(a.device)
+    start_mb = memory_mb(a.device, peak=False)
     model = load_model(ckpt, device=a.device).train()
     if mode == "full":
         model.requires_grad_(True)
@@ -88,6 +99,8 @@ def train_one(a, mode: str, dtype) -> dict:
     windows = make_windows(training_tokens(a.data, tokenizer, model.args.vocab_size), a.seq_len, a.data)
     if windows.shape[0] < a.batch_size:
         raise ValueError(f"{a.data}: {windows.shape[0]} windows of {a.seq_len + 1} tokens, fewer than one batch")
+    loaded_mb = memory_mb(a.device, peak=False)
+    reset_peak_memory(a.device)  # the peak of the steps, not of loading (which reads the file beside the copy)
     autocast = torch.autocast(torch.device(a.device).type, dtype=dtype, enabled=dtype != torch.float32)
     losses, seconds = [], []
     for step in range(a.steps):
@@ -104,13 +117,15 @@ def train_one(a, mode: str, dtype) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         seconds.append(time.perf_counter() - t0)
+    peak_mb = memory_mb(a.device, peak=True)
     tokens = held_out_tokens(tokenizer, a.eval_data, a.eval_tokens, a.context)
     with autocast:
         ppl = perplexity(model.eval(), tokens, a.context, device=a.device)["ppl"]
     tok_s = a.batch_size * a.seq_len / statistics.median(seconds[1:] or seconds)
     return {"mode": mode, "checkpoint": str(ckpt), "trainable_params": sum(p.numel() for p in params),
             "loss_first": losses[0], "loss_last": statistics.fmean(losses[-a.last:]), "eval_ppl": ppl,
-            "peak_memory_mb": round(peak_memory_mb(a.device), 1), "memory_before_model_mb": round(start_mb, 1),
+            "memory_before_model_mb": round(start_mb, 1), "memory_loaded_mb": round(loaded_mb, 1),
+            "peak_memory_mb": round(peak_mb, 1),
             "tok_s": round(tok_s, 1), "lr": lr}
 
 
@@ -149,7 +164,7 @@ def main(argv=None):
     settings = {k: v for k, v in vars(a).items() if k not in ("one", "out")}
     atomic_write(out, json.dumps({"bench_lora": rows, "settings": settings,
                                   "model_args": read_config(ckpt)["model_args"]}, indent=2))
-    print("| mode | trainable | loss (first -> last) | held-out ppl | peak memory MB | tok/s |")
+    print("| mode | trainable | loss (first -> last) | held-out ppl | peak training memory MB | tok/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['trainable_params'] / 1e6:.2f}M | {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
