@@ -139,6 +139,8 @@ def target_layers(model, targets) -> list:
 def apply_lora(model, config: LoRAConfig, layers=None) -> list:
     """Freeze the model and wrap each target linear (or exactly `layers`) in a LoRALinear, in place, in the model's
     mode (train/eval) and on its device. Returns the adapted layer names."""
+    if adapted_layers(model):
+        raise ValueError("the model already has LoRA adapters (merge_lora or remove_lora them first)")
     layers = target_layers(model, config.targets) if layers is None else layers
     model.requires_grad_(False)
     for name in layers:

@@ -29,9 +29,10 @@ from lora import (
     target_layers,
 )
 from model import Linear, ModelArgs, Transformer
+from qat.lora import LoRARun, build_lora_student
 from qat.runs import checkpoints
 from qat.student import plan_for
-from qlinear import QuantLinear, expand_groups
+from qlinear import QuantLinear, expand_groups, plan_format_names
 from scripts import merge_lora as merge_script
 from tests.tiny import save_tiny
 
@@ -111,6 +112,8 @@ def test_forward_equals_base_plus_scaled_update_in_float64(files, base):
         assert torch.equal(fresh(TOKENS), before)
         remove_lora(fresh)
     assert not adapted_layers(fresh) and torch.equal(fresh(TOKENS), before)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        apply_lora(model, LoRAConfig(4, 8.0))
 
 
 def test_targets_are_globs_or_regexes_and_must_name_a_layer(files):
@@ -260,6 +263,22 @@ def training_loss(files, adapter=None) -> float:
     windows = ids[:16 * 33].view(16, 33)
     with torch.no_grad():
         return F.cross_entropy(model(windows[:, :-1]).flatten(0, 1), windows[:, 1:].flatten()).item()
+
+
+def test_qlora_student_is_the_packed_base_plus_adapters(files):
+    """No float copy of a quantized weight: what trains is the adapters, what is stored is the packed base."""
+    student, plan, teacher = build_lora_student(LoRARun(LoRAConfig(4, 8.0), None), files / "tiny-int4", "ce")
+    assert teacher is None and student.training
+    assert plan_format_names(plan) == read_config(files / "tiny-int4")["quantization"]["recipe"]
+    layers = adapted_layers(student)
+    assert len(layers) == 14 and all(isinstance(m.base, QuantLinear) and m.base.latent is None
+                                     for m in layers.values())
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    assert trainable == sum(m.lora_a.numel() + m.lora_b.numel() for m in layers.values())
+    float_tensors = {n for n, t in student.state_dict().items() if t.is_floating_point() and t.dim() == 2
+                     and not n.endswith(("scales", "zeros", "lora_a", "lora_b"))}
+    assert float_tensors == {"tok_embeddings.weight", "output.weight"}  # the tied head the plan keeps float: one
+    assert student.output.weight is student.tok_embeddings.weight
 
 
 def test_qlora_run_lowers_the_loss_and_resumes_to_the_same_adapter(files, tmp_path):
