@@ -206,8 +206,9 @@ def read_adapter(folder) -> tuple:
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object")
     try:
-        config = LoRAConfig(meta.get("rank"), meta.get("alpha"), meta.get("dropout", 0.0),
-                            tuple(meta.get("targets") or ()))
+        if not isinstance(meta.get("targets"), list):
+            raise ValueError(f"'targets': expected a list of patterns, got {meta.get('targets')!r}")
+        config = LoRAConfig(meta.get("rank"), meta.get("alpha"), meta.get("dropout", 0.0), tuple(meta["targets"]))
         layers, fingerprint = meta.get("layers"), meta.get("base_fingerprint")
         if not (isinstance(layers, list) and layers and all(isinstance(n, str) for n in layers)):
             raise ValueError("'layers': expected a non-empty list of layer names")
