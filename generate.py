@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model, load_tokenizer_for
+from lora import load_adapter
 from convert import resolve_checkpoint
 from cli import (
     DTYPES,
@@ -80,6 +81,8 @@ def parse_args(argv=None):
     add_device_args(p, bf16_on_capable_cpus=True)
     p.add_argument("--max_seq_length", type=positive_int, default=None,
                    help="KV cache length (default: fits the request)")
+    p.add_argument("--adapter", type=nonempty, metavar="DIR",
+                   help="LoRA adapter folder (train_qat.py lora) to apply over the checkpoint it was trained on")
     p.add_argument("--skip_checksum", action="store_true",
                    help="load checkpoints whose files no longer match the sha256 their config.json recorded")
     s = p.add_argument_group("faster generation")
@@ -151,7 +154,10 @@ def main(argv=None):
         check_output_dir(args.profile, is_profile_dir, "profile")
     ckpt = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer_for(ckpt, verify=not args.skip_checksum)
-    model = load_model(ckpt, device=args.device, dtype=dtype, verify=not args.skip_checksum, fuse=True)
+    model = load_model(ckpt, device=args.device, dtype=dtype, verify=not args.skip_checksum,
+                       fuse=not args.adapter)  # adapted layers stay apart
+    if args.adapter:
+        load_adapter(model, args.adapter, ckpt)
     if args.max_seq_length and args.max_seq_length > model.args.block_size:
         raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the model's context of "
                          f"{model.args.block_size} tokens")

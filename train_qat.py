@@ -5,6 +5,7 @@
     python train_qat.py train ... --resume                                    # continue from the latest checkpoint
     torchrun --nproc-per-node=2 train_qat.py train ...                        # DDP: gloo on CPU, nccl on GPU
     python train_qat.py export --run_dir out/qat --out checkpoints/qat        # pack a run's latest checkpoint
+    python train_qat.py lora --checkpoint checkpoints/int4 --data my.jsonl --rank 16 --run_dir out/lora  # QLoRA
 
 The student is the model with its planned linears as QuantLinear in fake-quant mode: float latent weights,
 rounded on the fly with a straight-through estimator against the scales and zeros of a PTQ result (RTN, GPTQ or
@@ -16,6 +17,10 @@ Losses: CAKLD = beta * reverse KL + (1 - beta) * forward KL with beta the teache
 A run folder holds log.jsonl (every step; periodic held-out perplexity), step-NNNNNN/ checkpoints (trainable
 tensors, optimizer, RNG, data position; written to a temp folder and renamed), curves.png, and the exported
 packed checkpoint (model/ unless --out), which generate.py and eval/ load with no extra flags.
+
+`lora` trains LoRA adapters (lora.py) over the --checkpoint as it is, float or quantized (QLoRA), with the same
+loop, losses (cross-entropy by default; distillation from --teacher), resume and DDP; it saves an adapter folder
+(adapter/ unless --out) that generate.py --adapter and eval/ load, or scripts/merge_lora.py merges.
 """
 from pathlib import Path
 
@@ -24,8 +29,10 @@ from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for
 from convert import resolve_checkpoint
 from cli import add_device_args, run, setup_device
 from fileio import check_output_dir, check_output_file
+from lora import is_adapter_dir
 from qat.config import RunOptions, RunSettings, add_train_flags
 from qat.data import is_gen_data_file, prompt_batches, write_teacher_data, written_rows
+from qat.lora import LoRARun, add_lora_flags, check_lora_flags
 from qat.loop import train as train_run
 from qat.runs import export_latest
 
@@ -53,12 +60,13 @@ def train(args) -> dict:
     """Train (or resume) a run from the parsed train flags; returns the run's summary."""
     dtype = setup_device(args)
     flags = vars(args)
-    return train_run(RunSettings.from_flags(flags), RunOptions.from_flags(flags), flags, args.device, dtype)
+    lora = LoRARun.from_flags(flags) if args.command == "lora" else None
+    return train_run(RunSettings.from_flags(flags), RunOptions.from_flags(flags), flags, args.device, dtype, lora)
 
 
 def export_run(args):
-    """Pack the latest checkpoint of a run (finished or not) into a quantized checkpoint."""
-    out = check_output_dir(args.out, is_checkpoint_dir, "checkpoint")
+    """Pack the latest checkpoint of a run (finished or not) into a quantized checkpoint (a LoRA run: an adapter)."""
+    out = check_output_dir(args.out, lambda p: is_checkpoint_dir(p) or is_adapter_dir(p), "checkpoint")
     print(f"exported {export_latest(Path(args.run_dir), out)} -> {out}")
 
 
@@ -87,13 +95,18 @@ def parse_args(argv=None):
     t = add_train_flags(sub.add_parser("train", help="quantization-aware training of the student against the "
                                                      "float teacher"))
 
-    e = sub.add_parser("export", help="pack a run's latest checkpoint into a quantized checkpoint")
+    lo = add_lora_flags(add_train_flags(sub.add_parser(
+        "lora", help="train LoRA adapters over a frozen float or quantized checkpoint (QLoRA)")))
+
+    e = sub.add_parser("export", help="pack a run's latest checkpoint into a quantized checkpoint (or adapter)")
     e.add_argument("--run_dir", required=True, type=cli.nonempty)
     e.add_argument("--out", required=True, type=cli.nonempty)
 
     args = p.parse_args(argv)
-    if args.command == "train":
-        check_train_flags(t, args)
+    if args.command in ("train", "lora"):
+        check_train_flags(t if args.command == "train" else lo, args)
+    if args.command == "lora":
+        check_lora_flags(lo, args)
     return args
 
 
@@ -112,7 +125,7 @@ def check_train_flags(t, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    {"gen-data": gen_data, "train": train, "export": export_run}[args.command](args)
+    {"gen-data": gen_data, "train": train, "lora": train, "export": export_run}[args.command](args)
 
 
 if __name__ == "__main__":

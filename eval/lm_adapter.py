@@ -6,6 +6,8 @@ registered as "bitfast". Any lm-eval task runs through it; the offline tasks in 
     # the lm_eval command line, with this adapter registered and eval/tasks/ on the include path
     python -m eval.lm_adapter run --model bitfast --model_args checkpoint=checkpoints/smollm2-int4 \\
         --tasks hellaswag_offline,arc_easy_offline --limit 100
+    # a LoRA adapter (train_qat.py lora) over the checkpoint it was trained on
+    ... --model_args checkpoint=checkpoints/smollm2-int4,adapter=out/lora/adapter
 
 Scoring follows lm-eval's Hugging Face model: a context and continuation are encoded together and split where
 the context's tokens end (trailing spaces of the context move to the continuation); an empty context is the
@@ -30,6 +32,7 @@ from checkpoint import load_model, load_tokenizer_for  # noqa: E402
 from convert import resolve_checkpoint  # noqa: E402
 from cli import DTYPES  # noqa: E402
 from decoding import compile_fns, decode_one_token, generate, prefill  # noqa: E402
+from lora import load_adapter  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -70,7 +73,7 @@ class BitfastLM(LM):
     `compile` compiles the decode step that generate_until reuses for every request."""
 
     def __init__(self, checkpoint=None, device=None, dtype=None, batch_size=16, max_batch_size=None,
-                 max_length=None, max_batch_tokens=4096, compile=False, model=None, tokenizer=None):
+                 max_length=None, max_batch_tokens=4096, compile=False, model=None, tokenizer=None, adapter=None):
         super().__init__()
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             # lm-eval's command line asks for cuda by default; like its HF model, run on the CPU when there is none.
@@ -80,8 +83,11 @@ class BitfastLM(LM):
         if model is None:
             ckpt = resolve_checkpoint(checkpoint)
             dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or torch.float32
-            model, tokenizer = load_model(ckpt, device=device, dtype=dtype, fuse=True), load_tokenizer_for(ckpt)
+            model, tokenizer = load_model(ckpt, device=device, dtype=dtype, fuse=not adapter), load_tokenizer_for(ckpt)
             self.name = ckpt.name
+            if adapter:  # a LoRA adapter folder, applied over the checkpoint it was trained on
+                load_adapter(model, adapter, ckpt)
+                self.name += f"+{Path(adapter).name}"
         else:
             self.name = "model"
         self.model, self.tokenizer = model, tokenizer

@@ -6,6 +6,7 @@ encoded in one piece, with a leading bos only if the tokenizer adds one to promp
 
     python eval/perplexity.py --corpus boolq --context 2048
     python eval/perplexity.py --checkpoint checkpoints/my-model --text_file notes.txt --max_tokens 50000
+    python eval/perplexity.py --checkpoint checkpoints/my-model --adapter out/lora/adapter   # with a LoRA adapter
 """
 import math
 import sys
@@ -22,6 +23,7 @@ from convert import resolve_checkpoint  # noqa: E402
 import cli  # noqa: E402
 from cli import add_device_args, run, setup_device  # noqa: E402
 from eval.data import CORPORA, corpus_text, load_text_file  # noqa: E402
+from lora import load_adapter  # noqa: E402
 
 
 @torch.inference_mode()
@@ -55,6 +57,8 @@ def parse_args(argv=None):
                         help="its evaluation split (default: boolq)")
     source.add_argument("--text_file", type=cli.nonempty,
                         help="a .txt file, or .jsonl with a \"text\" field per row, evaluated whole")
+    p.add_argument("--adapter", type=cli.nonempty, metavar="DIR",
+                   help="LoRA adapter folder (train_qat.py lora) applied over the checkpoint it was trained on")
     p.add_argument("--context", type=cli.positive_int, default=2048, help="window length in tokens, at least 2")
     p.add_argument("--batch_size", type=cli.positive_int, default=1, help="windows per forward pass")
     p.add_argument("--max_tokens", type=cli.positive_int, default=None,
@@ -79,7 +83,9 @@ def main(argv=None):
     tokens = torch.tensor(tokenizer.encode(text, bos=tokenizer.add_bos, allow_special=False), dtype=torch.long)
     if args.max_tokens:
         tokens = tokens[:args.max_tokens]
-    model = load_model(ckpt, device=args.device, dtype=dtype, fuse=True)
+    model = load_model(ckpt, device=args.device, dtype=dtype, fuse=not args.adapter)  # adapted layers stay apart
+    if args.adapter:
+        load_adapter(model, args.adapter, ckpt)
     t0 = time.perf_counter()
     result = perplexity(model, tokens, args.context, args.batch_size, args.device)
     seconds = time.perf_counter() - t0

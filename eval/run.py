@@ -62,8 +62,8 @@ def task_settings(manager, names: list[str]) -> tuple[dict, dict]:
 def evaluate_checkpoint(ckpt: Path, names: list[str], manager, chat: dict, headline: dict, args, dtype) -> dict:
     import lm_eval
     lm = BitfastLM(checkpoint=ckpt, device=args.device, dtype=dtype, batch_size=args.batch_size,
-                   max_length=args.max_length, compile=args.compile)
-    entry = {"name": ckpt.name, "path": str(ckpt), "size_mb": weight_bytes(lm.model) / 1e6, "tasks": {}}
+                   max_length=args.max_length, compile=args.compile, adapter=args.adapter)
+    entry = {"name": lm.name, "path": str(ckpt), "size_mb": weight_bytes(lm.model) / 1e6, "tasks": {}}
     for name in names:
         lm.stats.clear()
         t0 = time.perf_counter()
@@ -79,7 +79,7 @@ def evaluate_checkpoint(ckpt: Path, names: list[str], manager, chat: dict, headl
                                     "samples": results["n-samples"].get(task, {}).get("effective"),
                                     "seconds": round(seconds, 1), "tokens": tokens,
                                     "tokens_per_s": tokens / model_seconds if model_seconds else 0.0}
-        print(f"{ckpt.name} | {name}: {seconds:.0f} s, {tokens} tokens", file=sys.stderr)
+        print(f"{lm.name} | {name}: {seconds:.0f} s, {tokens} tokens", file=sys.stderr)
     return entry
 
 
@@ -87,6 +87,8 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoints", "--checkpoint", nargs="+", type=cli.nonempty, default=[None],
                    help="bitfast checkpoint folders, float or quantized (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", type=cli.nonempty, metavar="DIR",
+                   help="LoRA adapter folder (train_qat.py lora) applied over the one --checkpoint it was trained on")
     p.add_argument("--tasks", default=DEFAULT_TASKS, type=cli.nonempty,
                    help=f"comma-separated task names (default: {DEFAULT_TASKS})")
     p.add_argument("--limit", type=cli.positive_int, default=None,
@@ -104,6 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/eval", type=cli.nonempty, help="folder for report.json, report.md, report.png")
     add_device_args(p)
     args = p.parse_args(argv)
+    if args.adapter and len(args.checkpoints) != 1:
+        p.error("--adapter applies over one --checkpoint (the base it was trained on)")
     if args.max_length == 1:
         p.error("argument --max_length: expected a whole number >= 2 (a context and one token to score)")
     return args

@@ -19,6 +19,7 @@ from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for, read_c
 from convert import resolve_checkpoint
 from eval.perplexity import perplexity
 from fileio import check_output_dir
+from lora import is_adapter_dir, save_adapter
 from model import ModelArgs
 from qat.config import INIT_METHODS, RunOptions, RunSettings
 from qat.data import held_out_tokens, log_err, make_windows, step_windows, training_tokens
@@ -33,6 +34,7 @@ from qat.runs import (
     save_train_state,
     truncate_log,
 )
+from qat.lora import LoRARun, build_lora_student, check_same_lora
 from qat.student import build_student, checkpoint_activations, export
 
 
@@ -118,6 +120,7 @@ class Session:
     meta: dict = None
     tokenizer: object = None
     t_start: float = 0.0
+    lora: LoRARun = None  # a LoRA run: adapters over the frozen --checkpoint (qat/lora.py) instead of QAT
 
     @property
     def main(self) -> bool:
@@ -137,20 +140,23 @@ class Session:
         return torch.autocast(torch.device(self.device).type, dtype=self.dtype)
 
 
-def train(s: RunSettings, o: RunOptions, flags: dict, device: str, dtype: torch.dtype) -> dict:
-    """Train (or resume) a run; returns a summary. `flags` (every flag as given) is saved in each checkpoint's
-    state.json as its "config"."""
+def train(s: RunSettings, o: RunOptions, flags: dict, device: str, dtype: torch.dtype,
+          lora: LoRARun = None) -> dict:
+    """Train (or resume) a run (QAT, or LoRA adapters with `lora`); returns a summary. `flags` (every flag as
+    given) is saved in each checkpoint's state.json as its "config"."""
     if dtype == torch.float16:
         raise ValueError("--dtype float16 would need loss scaling; train in bf16 or float32")
     rank, world, device = init_distributed(device)
     try:
-        run = Session(s, o, rank, world, device, dtype)
+        run = Session(s, o, rank, world, device, dtype, lora=lora)
         resume_from, resumed = _open_run(run)
         _load_data(run)
         _build_models(run)
         start = _start(run, resume_from, resumed)
         run.meta = {"config": flags, "beta": run.beta, "data_hash": run.data_hash,
                     "plan": {n: f.name if f else "float" for n, f in run.plan.items()}}
+        if lora:
+            run.meta["lora"] = lora.as_dict()
         if run.main:
             log_err(f"train: {sum(p.numel() for p in run.params.values()) / 1e6:.1f}M trainable, "
                     f"{run.windows.shape[0]} windows of {s.seq_len}, {run.tokens_per_step} tokens/step, {world} "
@@ -171,7 +177,10 @@ def _open_run(run: Session) -> tuple:
                          f"{o.micro_batch}")
     run.accum = per_rank // o.micro_batch
     run.run_dir = check_output_dir(o.run_dir, is_run_dir, "QAT run folder")
-    run.out = check_output_dir(o.out or run.run_dir / "model", is_checkpoint_dir, "checkpoint")
+    if run.lora:
+        run.out = check_output_dir(o.out or run.run_dir / "adapter", is_adapter_dir, "LoRA adapter")
+    else:
+        run.out = check_output_dir(o.out or run.run_dir / "model", is_checkpoint_dir, "checkpoint")
     found = checkpoints(run.run_dir) if run.run_dir.is_dir() else []
     if found and not o.resume:
         raise ValueError(f"{run.run_dir} already holds checkpoints: pass --resume, or use a new --run_dir")
@@ -179,6 +188,7 @@ def _open_run(run: Session) -> tuple:
     resumed = read_train_state(resume_from) if resume_from else None
     if resumed:
         check_same_run(resumed[0]["config"], s, resume_from)
+        check_same_lora(resumed[0], run.lora, resume_from)
     return resume_from, resumed
 
 
@@ -210,9 +220,12 @@ def _load_data(run: Session):
 def _build_models(run: Session):
     """Student (DDP-wrapped across ranks), frozen teacher (none for cross-entropy) and optimizer."""
     s, device = run.s, run.device
-    run.student, run.plan = build_student(s, run.float_ckpt, run.tokenizer)
+    if run.lora:
+        run.student, run.plan, teacher = build_lora_student(run.lora, run.float_ckpt, s.loss)
+    else:
+        (run.student, run.plan), teacher = build_student(s, run.float_ckpt, run.tokenizer), run.float_ckpt
     run.student.to(device)
-    run.teacher = load_model(run.float_ckpt, device=device).requires_grad_(False) if s.loss != "ce" else None
+    run.teacher = load_model(teacher, device=device).requires_grad_(False) if s.loss != "ce" else None
     if run.o.activation_checkpointing:
         checkpoint_activations(run.student)
     run.params = {n: p for n, p in run.student.named_parameters() if p.requires_grad}
@@ -253,8 +266,10 @@ def _start(run: Session, resume_from, resumed) -> int:
 def evaluate(run: Session, step: int) -> float:
     """Held-out perplexity of the student, logged."""
     t0 = time.perf_counter()
+    training = run.student.training
     with run.autocast():
-        r = perplexity(run.student, run.eval_tokens, run.o.eval_context, device=run.device)
+        r = perplexity(run.student.eval(), run.eval_tokens, run.o.eval_context, device=run.device)
+    run.student.train(training)
     append_log(run.log_path, {"step": step, "tokens": step * run.tokens_per_step, "eval_ppl": r["ppl"],
                               "eval_tokens": r["tokens"], "eval_s": round(time.perf_counter() - t0, 2)})
     return r["ppl"]
@@ -329,9 +344,12 @@ def _finish(run: Session, step: int) -> dict:
     summary = {"steps": step, "tokens": step * run.tokens_per_step, "beta": run.beta,
                "seconds": time.perf_counter() - run.t_start, "finished": step == s.steps}
     if run.main and step == s.steps:
-        export(run.student, run.plan, run.float_ckpt, run.out, {"method": f"qat-{s.loss}", "init": s.init,
-                                                                "steps": step, "tokens": summary["tokens"]})
-        plot_curves(run.log_path, run.run_dir / "curves.png", title=f"QAT {s.loss}")
+        info = {"steps": step, "tokens": summary["tokens"]}
+        if run.lora:
+            save_adapter(run.student, run.lora.config, run.float_ckpt, run.out, {"loss": s.loss, **info})
+        else:
+            export(run.student, run.plan, run.float_ckpt, run.out, {"method": f"qat-{s.loss}", "init": s.init, **info})
+        plot_curves(run.log_path, run.run_dir / "curves.png", title=f"{'LoRA' if run.lora else 'QAT'} {s.loss}")
         summary["out"] = str(run.out)
         log_err(f"train: {step} steps, {summary['tokens']} tokens in {summary['seconds']:.0f} s -> {run.out}")
     return summary

@@ -13,8 +13,10 @@ from safetensors.torch import save_file
 from checkpoint import is_checkpoint_dir, load_state_dict, load_tokenizer_for
 from convert import resolve_checkpoint
 from fileio import TEMP_TAG, atomic_dir, atomic_write, read_json
+from lora import is_adapter_dir, save_adapter
 from qat.config import RUN_FIELDS, RunSettings, saved_settings
 from qat.data import read_own_jsonl
+from qat.lora import LoRARun, build_lora_student
 from qat.student import build_student, export
 
 # What a run writes into its folder (besides temps and an exported checkpoint): a folder holding anything else
@@ -23,10 +25,11 @@ RUN_FILE = re.compile(r"log\.jsonl|curves\.png|step-\d+|\.step-\d+\..+")
 
 
 def is_run_dir(folder: Path) -> bool:
-    """A QAT run folder: its log, and only what a run writes (checkpoints, plot, temps, an exported checkpoint)."""
+    """A QAT run folder: its log, and only what a run writes (checkpoints, plot, temps, an exported checkpoint or
+    LoRA adapter)."""
     return (folder / "log.jsonl").is_file() and all(
         RUN_FILE.fullmatch(p.name) or (p.name.startswith(".") and TEMP_TAG in p.name)
-        or (p.is_dir() and is_checkpoint_dir(p)) for p in folder.iterdir())
+        or (p.is_dir() and (is_checkpoint_dir(p) or is_adapter_dir(p))) for p in folder.iterdir())
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -120,14 +123,20 @@ def restore_train_state(meta: dict, tensors: dict, params: dict, optimizer, ckpt
 
 
 def export_latest(run_dir: Path, out: Path) -> Path:
-    """Pack the latest checkpoint of a run (finished or not) into a quantized checkpoint at `out`; returns the
-    checkpoint it packed."""
+    """Pack the latest checkpoint of a run (finished or not) into a quantized checkpoint at `out` (a LoRA run's:
+    save its adapter folder there); returns the checkpoint it packed."""
     found = checkpoints(run_dir) if run_dir.is_dir() else []
     if not found:
         raise FileNotFoundError(f"{run_dir}: no training checkpoints")
     meta, tensors = read_train_state(found[-1])
     settings = meta["config"]
     float_ckpt = resolve_checkpoint(settings.checkpoint)
+    if "lora" in meta:
+        lora = LoRARun.saved(meta, found[-1])
+        student = build_lora_student(lora, float_ckpt, "ce")[0]
+        load_params(tensors, {n: p for n, p in student.named_parameters() if p.requires_grad}, found[-1])
+        save_adapter(student, lora.config, float_ckpt, out, {"loss": settings.loss, "steps": meta["step"]})
+        return found[-1]
     student, plan = build_student(settings, float_ckpt, load_tokenizer_for(float_ckpt))
     load_params(tensors, {n: p for n, p in student.named_parameters() if p.requires_grad}, found[-1])
     export(student, plan, float_ckpt, out, {"method": f"qat-{settings.loss}", "init": settings.init,
