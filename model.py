@@ -77,6 +77,12 @@ class ModelArgs:
         except ValueError as e:
             raise ValueError(f"block {i}: {e}") from None
 
+    def to_dict(self) -> dict:
+        """The stored form (config.json's model_args): a uniform model stores no per-block lists, so its config
+        and fingerprint read as before pruning existed."""
+        per_block = ("layer_n_head", "layer_n_local_heads", "layer_intermediate_size")
+        return {k: v for k, v in vars(self).items() if not (k in per_block and v is None)}
+
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
         if name not in CONFIGS:

@@ -46,7 +46,7 @@ def check_cache_dir(directory) -> Path:
 def model_fingerprint(model) -> str:
     """Identity of a model's weights: its arguments, and for every tensor its name, shape, dtype and a strided
     sample of its bytes (hashing 4,096 values per tensor tells checkpoints apart without reading them all)."""
-    h = hashlib.sha256(json.dumps(vars(model.args), sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(model.args.to_dict(), sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
         flat = t.detach().reshape(-1)
         sample = flat[::max(1, flat.numel() // 4096)].contiguous().cpu()
