@@ -36,6 +36,8 @@ def parse_args(argv=None):
                    help="block: the same ratio in every pruned block; global: groups ranked across blocks")
     p.add_argument("--keep_first", type=nonneg_int, default=4, help="blocks at the start left whole")
     p.add_argument("--keep_last", type=nonneg_int, default=2, help="blocks at the end left whole")
+    p.add_argument("--channel_multiple", type=positive_int, default=8,
+                   help="FFN widths kept a multiple of this (8: quantizable at every bit width; 1: the exact ratio)")
     p.add_argument("--calib", default="boolq", help="gradient criteria: boolq | lambada | a local .txt/.jsonl file")
     p.add_argument("--calib_samples", type=positive_int, default=10, help="windows for the gradients (one at a time)")
     p.add_argument("--calib_seqlen", type=positive_int, default=128)
@@ -49,7 +51,8 @@ def main(argv=None):
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    settings = PruneSettings(a.ratio, a.criterion, a.parts, a.scope, a.keep_first, a.keep_last, a.seed)
+    settings = PruneSettings(a.ratio, a.criterion, a.parts, a.scope, a.keep_first, a.keep_last, a.seed,
+                              a.channel_multiple)
     ckpt = resolve_checkpoint(a.checkpoint)
     config = read_config(ckpt)
     if config.get("quantization"):

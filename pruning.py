@@ -13,7 +13,9 @@ multi-head or an already pruned block are handled alike.
 The ratio is of the prunable parameters: the chosen parts' linear weights (wq, wk, wv, wo and/or w1, w3, w2) in
 the blocks not kept. Attention and FFN each lose that fraction, to the nearest whole group. "block" scope removes
 it from every pruned block; "global" ranks a kind's groups across all pruned blocks, so blocks lose unequal
-shares. A pruning that would leave a block without any key/value head or FFN channel is refused.
+shares. FFN widths are then rounded to a multiple of channel_multiple (8 by default: every packed format's word
+holds 1, 2, 4 or 8 codes, so the pruned model still quantizes). A pruning that would leave a block without any
+key/value head or FFN channel is refused.
 
 Importance of a group: a sum over its weights of an element-wise score (L2: the root of the sum of squares).
   l1 |w|;  l2 w²;  random: one seeded uniform draw per group (the honest baseline);
@@ -46,6 +48,7 @@ class PruneSettings:
     keep_first: int = 0  # blocks left whole at each end (LLM-Pruner keeps the first and last few)
     keep_last: int = 0
     seed: int = 0  # the random criterion's draws
+    channel_multiple: int = 8  # FFN widths kept a multiple of this: 8 packs at every bit width (kernels/formats.py)
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
@@ -56,6 +59,8 @@ class PruneSettings:
                 raise ValueError(f"unknown {name} {value!r} ({', '.join(known)})")
         if self.keep_first < 0 or self.keep_last < 0:
             raise ValueError(f"keep_first={self.keep_first} and keep_last={self.keep_last} must be >= 0")
+        if self.channel_multiple < 1:
+            raise ValueError(f"channel_multiple={self.channel_multiple} must be >= 1")
 
 
 def coupled_groups(block) -> dict:
@@ -137,10 +142,11 @@ def group_params(block, kind: str) -> int:
                for name, axis, index in coupled_groups(block)[kind])
 
 
-def choose_kept(importance: dict, sizes: dict, ratio: float, scope: str) -> dict:
+def choose_kept(importance: dict, sizes: dict, ratio: float, scope: str, multiples: dict = None) -> dict:
     """{(block, kind): sorted indices of the groups kept}: the least important groups go until the removed
     parameters are nearest ratio × the pool's (a pool: one (block, kind), or with global scope one kind in all
-    blocks). ValueError if a block would lose every group of a kind."""
+    blocks); then each block keeps its most important groups, as many as the nearest multiple of
+    multiples[kind] (default 1). ValueError if a block would lose every group of a kind."""
     removed = {key: torch.zeros(len(v), dtype=torch.bool) for key, v in importance.items()}
     if scope == "block":
         pools = [[key] for key in importance]
@@ -159,7 +165,12 @@ def choose_kept(importance: dict, sizes: dict, ratio: float, scope: str) -> dict
         if gone.all():
             raise ValueError(f"pruning at ratio {ratio} would remove every {GROUP_WHAT[kind]} of block {i}: lower "
                              "the ratio, rank per block (block scope) or keep that block whole")
-    return {key: (~gone).nonzero().flatten() for key, gone in removed.items()}
+    kept = {}
+    for key, gone in removed.items():
+        m = (multiples or {}).get(key[1], 1)
+        n = min(len(gone), max(m, round(int((~gone).sum()) / m) * m))
+        kept[key] = torch.argsort(importance[key], stable=True)[len(gone) - n:].sort().values  # ties: as the pools
+    return kept
 
 
 def prune_model(model, kept: dict) -> Transformer:
@@ -202,15 +213,16 @@ def prune(model, s: PruneSettings, calib: torch.Tensor = None, log=print) -> tup
             raise ValueError(f"{n} is not a float linear layer: prune a float model (then quantize the result)")
     sizes = {(i, kind): group_params(model.layers[i], kind) for i, kind in keys}
     counts = {(i, kind): coupled_groups(model.layers[i])[kind][0][2].shape[0] for i, kind in keys}
+    multiples = {"feed_forward": s.channel_multiple}
     if s.scope == "block":  # how many go from each block does not depend on the scores: refuse before scoring
-        choose_kept({k: torch.zeros(c) for k, c in counts.items()}, sizes, s.ratio, s.scope)
+        choose_kept({k: torch.zeros(c) for k, c in counts.items()}, sizes, s.ratio, s.scope, multiples)
     stats = None
     if s.criterion in GRADIENT_CRITERIA:
         if calib is None:
             raise ValueError(f"criterion {s.criterion} needs calibration windows")
         log(f"gradients over {calib.shape[0]} windows of {calib.shape[1]} tokens")
         stats = gradient_stats(model, calib, names)
-    kept = choose_kept(group_importance(model, s.criterion, keys, stats, s.seed), sizes, s.ratio, s.scope)
+    kept = choose_kept(group_importance(model, s.criterion, keys, stats, s.seed), sizes, s.ratio, s.scope, multiples)
     pruned = prune_model(model, kept)
     before, after = (sum(p.numel() for p in m.parameters()) for m in (model, pruned))
     removed = {kind: sum(sizes[k] * (counts[k] - len(kept[k])) for k in keys if k[1] == kind) /

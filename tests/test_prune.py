@@ -16,7 +16,8 @@ from calibrate import quantize_model
 from checkpoint import load_model
 from cli import run
 from decoding import generate
-from pruning import PruneSettings, gradient_stats, group_importance, prune
+from model import ModelArgs
+from pruning import PruneSettings, choose_kept, gradient_stats, group_importance, prune
 from qlinear import QuantFormat, QuantLinear, linear_names
 from tests.test_model import tiny_model
 from tests.tiny import save_tiny
@@ -57,7 +58,7 @@ def zeroed_reference(model, removed_heads: dict, removed_channels: dict):
 @pytest.mark.parametrize("scope", ["block", "global"])
 def test_pruned_model_equals_original_with_removed_groups_zeroed(scope):
     model = tiny_model(**GQA)
-    pruned, record = prune(model, PruneSettings(0.34, "l1", scope=scope, keep_first=1), log=None)
+    pruned, record = prune(model, PruneSettings(0.34, "l1", scope=scope, keep_first=1, channel_multiple=1), log=None)
     scores = {i: explicit_group_scores(model, i, lambda n: model.get_submodule(n).weight.abs()) for i in (1, 2)}
     removed = []
     for kind, per_block in ((0, 3), (1, 40)):  # kv heads (3 per block), channels (40 per block)
@@ -188,7 +189,9 @@ def test_pruned_checkpoint_loads_quantizes_and_generates(tmp_path, tiny_ckpt, ca
     assert config["pruning"]["criterion"] == "taylor" and config["pruning"]["calib"] == "boolq 2 x 16"
     model = load_model(out)
     sizes = config["model_args"]["layer_intermediate_size"]
-    assert [b.feed_forward.w2.in_features for b in model.layers] == sizes and sizes[0] == 40 and sum(sizes[1:]) == 56
+    # 30% of the pruned blocks' 80 channels go, each block's width then rounded to a multiple of 8
+    assert [b.feed_forward.w2.in_features for b in model.layers] == sizes and sizes[0] == 40
+    assert all(n % 8 == 0 for n in sizes) and abs(sum(sizes[1:]) - 56) <= 8 and sizes[1:] != [40, 40]
     assert [b.attention.wq.out_features for b in model.layers] == [8 * h for h in config["model_args"]["layer_n_head"]]
     code, err = run_command(quantize_command.main, ["--checkpoint", str(out), "--mode", "int4", "--groupsize", "32",
                                                     "--out", str(q)], capsys)
@@ -239,3 +242,23 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_ckpt, capsys, case, wor
     assert code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     assert all(w in err for w in words), err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_ffn_widths_round_to_the_channel_multiple_keeping_the_most_important():
+    scores = torch.randperm(40, generator=torch.Generator().manual_seed(0)).double()
+    kept = choose_kept({(0, "feed_forward"): scores}, {(0, "feed_forward"): 3}, 0.34, "block", {"feed_forward": 8})
+    assert kept[(0, "feed_forward")].tolist() == sorted(scores.argsort()[-24:].tolist())  # 26 kept -> 24
+    kept = choose_kept({(0, "feed_forward"): scores}, {(0, "feed_forward"): 3}, 0.34, "block")
+    assert kept[(0, "feed_forward")].tolist() == sorted(scores.argsort()[-26:].tolist())
+
+
+@pytest.mark.parametrize("over,words", [
+    ({"layer_n_head": [6, 6]}, "layer_n_head must list n_layer=3"),
+    ({"layer_n_head": [6, 4, 6]}, "block 1: n_head=4 is not a multiple of n_local_heads=3"),
+    ({"layer_intermediate_size": [40, 0, 40]}, "whole numbers >= 1"),
+    ({"layer_n_local_heads": [3, 1.5, 3]}, "model_args.layer_n_local_heads: expected a list of whole numbers"),
+])
+def test_per_block_sizes_are_validated(over, words):
+    with pytest.raises(ValueError, match=words):
+        ModelArgs.from_dict({**tiny_model(**GQA).args.to_dict(), **over})
+    assert "layer_n_head" not in tiny_model(**GQA).args.to_dict()  # a uniform model stores no lists
