@@ -198,26 +198,37 @@ def prune_model(model, kept: dict) -> Transformer:
     return pruned.eval()
 
 
-def prune(model, s: PruneSettings, calib: torch.Tensor = None, log=print) -> tuple:
-    """Score the coupled groups of the blocks not kept and remove the least important. calib [N, S]: token windows
-    for the gradient criteria. Returns (the pruned model, a record of what was done). The input model is unchanged."""
+def pruned_keys(model, s: PruneSettings) -> list:
+    """(block index, kind) of every group kind the settings prune."""
     n_layer = len(model.layers)
     blocks = range(s.keep_first, n_layer - s.keep_last)
     if not blocks:
         raise ValueError(f"keeping the first {s.keep_first} and last {s.keep_last} of {n_layer} blocks leaves "
                          "none to prune")
-    keys = [(i, kind) for i in blocks for kind in PARTS[s.parts]]
-    names = [f"layers.{i}.{n}" for i, kind in keys for n, _, _ in coupled_groups(model.layers[i])[kind]]
+    return [(i, kind) for i in blocks for kind in PARTS[s.parts]]
+
+
+def prunable_linears(model, s: PruneSettings) -> list:
+    """Names of the linears the settings prune (float ones: a quantized layer cannot be sliced)."""
+    names = [f"layers.{i}.{n}" for i, kind in pruned_keys(model, s) for n, _, _ in coupled_groups(model.layers[i])[kind]]
     for n in names:
         if type(model.get_submodule(n)) is not Linear:
             raise ValueError(f"{n} is not a float linear layer: prune a float model (then quantize the result)")
+    return names
+
+
+def prune(model, s: PruneSettings, calib: torch.Tensor = None, log=print, stats: dict = None) -> tuple:
+    """Score the coupled groups of the blocks not kept and remove the least important. calib [N, S]: token windows
+    for the gradient criteria, or stats: gradient_stats over prunable_linears computed before (a benchmark reuses
+    them across ratios). Returns (the pruned model, a record of what was done). The input model is unchanged."""
+    keys, names = pruned_keys(model, s), prunable_linears(model, s)
+    blocks = range(keys[0][0], keys[-1][0] + 1)
     sizes = {(i, kind): group_params(model.layers[i], kind) for i, kind in keys}
     counts = {(i, kind): coupled_groups(model.layers[i])[kind][0][2].shape[0] for i, kind in keys}
     multiples = {"feed_forward": s.channel_multiple}
     if s.scope == "block":  # how many go from each block does not depend on the scores: refuse before scoring
         choose_kept({k: torch.zeros(c) for k, c in counts.items()}, sizes, s.ratio, s.scope, multiples)
-    stats = None
-    if s.criterion in GRADIENT_CRITERIA:
+    if s.criterion in GRADIENT_CRITERIA and stats is None:
         if calib is None:
             raise ValueError(f"criterion {s.criterion} needs calibration windows")
         log(f"gradients over {calib.shape[0]} windows of {calib.shape[1]} tokens")
