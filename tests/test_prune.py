@@ -17,6 +17,7 @@ from checkpoint import load_model
 from cli import run
 from decoding import generate
 from model import ModelArgs
+from prefill_cache import PrefillCache
 from pruning import PruneSettings, choose_kept, gradient_stats, group_importance, prune
 from qlinear import QuantFormat, QuantLinear, linear_names
 from tests.test_model import tiny_model
@@ -262,3 +263,15 @@ def test_per_block_sizes_are_validated(over, words):
     with pytest.raises(ValueError, match=words):
         ModelArgs.from_dict({**tiny_model(**GQA).args.to_dict(), **over})
     assert "layer_n_head" not in tiny_model(**GQA).args.to_dict()  # a uniform model stores no lists
+
+
+def test_prefill_cache_on_disk_serves_a_pruned_model(tmp_path):
+    """Blocks with different key/value head counts: the cache file's per-block shapes are accepted and reused."""
+    pruned, _ = prune(tiny_model(**GQA), PruneSettings(0.34, "l1", keep_first=1, channel_multiple=1), log=None)
+    assert len({b.attention.n_local_heads for b in pruned.layers}) == 2
+    pruned.setup_caches(1, 48)
+    prompt = torch.randint(0, 101, (20,), generator=torch.Generator().manual_seed(3), dtype=torch.int)
+    plain, _ = generate(pruned, prompt, 8)
+    generate(pruned, prompt, 8, prefill_cache=PrefillCache(pruned, tmp_path))
+    out, stats = generate(pruned, prompt, 8, prefill_cache=PrefillCache(pruned, tmp_path))
+    assert stats.cached_tokens == 19 and out.tolist() == plain.tolist()
