@@ -56,7 +56,7 @@ class ModelArgs:
             keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
             if set(self.rope_scaling) != keys or not all(_is_number(v) and v > 0 for v in self.rope_scaling.values()):
                 raise ValueError(f"rope_scaling must map {sorted(keys)} to positive numbers, got {self.rope_scaling}")
-        for name in ("layer_n_head", "layer_n_local_heads", "layer_intermediate_size"):
+        for name in PER_BLOCK_FIELDS:
             sizes = getattr(self, name)
             if sizes is not None and (len(sizes) != self.n_layer or not all(_is_int(v) and v >= 1 for v in sizes)):
                 raise ValueError(f"{name} must list n_layer={self.n_layer} whole numbers >= 1, got {sizes}")
@@ -66,7 +66,7 @@ class ModelArgs:
     def for_block(self, i: int) -> "ModelArgs":
         """The arguments of block i: its own head counts and FFN width (a pruned model's differ per block), as
         uniform values. head_dim is already resolved, so it stays the model's."""
-        if self.layer_n_head is None and self.layer_n_local_heads is None and self.layer_intermediate_size is None:
+        if all(getattr(self, name) is None for name in PER_BLOCK_FIELDS):
             return self
         n_head = self.layer_n_head[i] if self.layer_n_head else self.n_head
         n_local_heads = self.layer_n_local_heads[i] if self.layer_n_local_heads else self.n_local_heads
@@ -80,8 +80,7 @@ class ModelArgs:
     def to_dict(self) -> dict:
         """The stored form (config.json's model_args): a uniform model stores no per-block lists, so its config
         and fingerprint read as before pruning existed."""
-        per_block = ("layer_n_head", "layer_n_local_heads", "layer_intermediate_size")
-        return {k: v for k, v in vars(self).items() if not (k in per_block and v is None)}
+        return {k: v for k, v in vars(self).items() if not (k in PER_BLOCK_FIELDS and v is None)}
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
@@ -110,6 +109,9 @@ class ModelArgs:
             return cls(**d)
         except ValueError as e:
             raise ValueError(f"model_args: {e}") from None
+
+
+PER_BLOCK_FIELDS = ("layer_n_head", "layer_n_local_heads", "layer_intermediate_size")
 
 
 def _is_int(v) -> bool:
