@@ -190,10 +190,16 @@ def quant_plan(config: dict) -> dict:
 
 def save_quantized(model, plan: dict, src_ckpt, out_dir, info: dict, extra_files: dict = None) -> Path:
     """Packed codes, fp16 scales/zeros and the recipe, beside a copy of the source's tokenizer."""
-    config = read_config(src_ckpt)
     state = model_state_for_saving(model.state_dict(), model.args)
     state = {k: (v.half() if k.endswith((".scales", ".zeros")) else v) for k, v in state.items()}
-    config["quantization"] = {"recipe": plan_format_names(plan), **info, "source": str(src_ckpt)}
+    record = {"quantization": {"recipe": plan_format_names(plan), **info, "source": str(src_ckpt)}}
+    return save_derived(state, src_ckpt, out_dir, record, extra_files)
+
+
+def save_derived(state: dict, src_ckpt, out_dir, record: dict, extra_files: dict = None) -> Path:
+    """A checkpoint made from src_ckpt (quantized, pruned): the new state, the source's config with `record`'s
+    fields added or replaced (e.g. "quantization"; "pruning" and "model_args"), and a copy of its tokenizer."""
+    config = {**read_config(src_ckpt), **record}
     tok = (config.get("tokenizer") or {}).get("file")
     files = {tok: (Path(src_ckpt) / tok).read_bytes()} if tok else {}
     save_checkpoint(out_dir, state, config, {**files, **(extra_files or {})})

@@ -26,7 +26,7 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _number(kind, low=None, low_open=False, high=None, what=""):
+def _number(kind, low=None, low_open=False, high=None, what="", high_open=False):
     def parse(text):
         try:
             v = kind(text)
@@ -34,7 +34,8 @@ def _number(kind, low=None, low_open=False, high=None, what=""):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if v != v or v in (float("inf"), float("-inf")):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        if low is not None and (v < low or (low_open and v == low)) or high is not None and v > high:
+        if low is not None and (v < low or (low_open and v == low)) or high is not None and (
+                v > high or (high_open and v == high)):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return v
     parse.__name__ = what  # argparse names the type in its messages
@@ -46,6 +47,7 @@ nonneg_int = _number(int, 0, what="a whole number >= 0")
 positive_float = _number(float, 0.0, low_open=True, what="a number > 0")
 nonneg_float = _number(float, 0.0, what="a number >= 0")
 probability = _number(float, 0.0, low_open=True, high=1.0, what="a number in (0, 1]")
+fraction = _number(float, 0.0, high=1.0, high_open=True, what="a number in [0, 1)")
 
 
 def nonempty(text):

@@ -156,7 +156,7 @@ def convert_hf(folder, out_dir) -> Path:
             heads = args.n_head if k.endswith("wq.weight") else args.n_local_heads
             state[k] = hf_to_interleaved(state[k], heads, args.head_dim)
     meta, files = hf_tokenizer_files(folder)
-    config = {"model_args": vars(args), "tokenizer": meta or None, "source": str(folder)}
+    config = {"model_args": args.to_dict(), "tokenizer": meta or None, "source": str(folder)}
     save_checkpoint(out_dir, state, config, files)
     return Path(out_dir)
 
@@ -366,7 +366,7 @@ def convert_gguf(path, out_dir) -> Path:
         # GGUF keeps llama Q/K in the interleaved RoPE layout, which is ours: no permutation.
         state[ours] = torch.from_numpy(w.astype("float32").reshape(shape))
     state = check_complete(state, args, path)
-    config = {"model_args": vars(args), "tokenizer": meta, "source": str(path)}
+    config = {"model_args": args.to_dict(), "tokenizer": meta, "source": str(path)}
     save_checkpoint(out_dir, state, config, files)
     return Path(out_dir)
 

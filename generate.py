@@ -131,11 +131,11 @@ def load_speculator(args, model, tokenizer, dtype):
         return None
     draft_ckpt = resolve_checkpoint(args.draft_checkpoint)
     probe = "The quick brown fox, 3.14 <|im_start|> naïve"
-    verify = not args.skip_checksum
-    if load_tokenizer_for(draft_ckpt, verify).encode(probe) != tokenizer.encode(probe):
+    checksums = not args.skip_checksum
+    if load_tokenizer_for(draft_ckpt, checksums).encode(probe) != tokenizer.encode(probe):
         raise ValueError(f"{draft_ckpt}: the draft model's tokenizer differs from the model's")
     draft = load_model(draft_ckpt, device=args.device, dtype=DTYPES[args.draft_dtype] if args.draft_dtype else dtype,
-                       verify=verify, fuse=True)
+                       verify=checksums, fuse=True)
     if draft.args.vocab_size != model.args.vocab_size:
         raise ValueError(f"{draft_ckpt}: the draft model has a vocabulary of {draft.args.vocab_size} tokens, the "
                          f"model {model.args.vocab_size}: a draft must share the model's vocabulary")

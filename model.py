@@ -4,7 +4,7 @@ Rotary embeddings use the interleaved (Meta / GGUF) layout: pairs (2i, 2i+1) of 
 Hugging Face checkpoints store Q/K permuted for the rotate-half layout; the converter undoes that.
 """
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Optional
 
 import torch
@@ -30,6 +30,10 @@ class ModelArgs:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     rope_scaling: Optional[dict] = field(default=None)  # Llama-3.1 style: factor, low/high_freq_factor, original_max_position_embeddings
+    # Per-block sizes of a structurally pruned model (prune.py), one entry per block; None: the uniform value above.
+    layer_n_head: Optional[list] = None
+    layer_n_local_heads: Optional[list] = None
+    layer_intermediate_size: Optional[list] = None
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "dim", "intermediate_size"):
@@ -52,6 +56,31 @@ class ModelArgs:
             keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
             if set(self.rope_scaling) != keys or not all(_is_number(v) and v > 0 for v in self.rope_scaling.values()):
                 raise ValueError(f"rope_scaling must map {sorted(keys)} to positive numbers, got {self.rope_scaling}")
+        for name in PER_BLOCK_FIELDS:
+            sizes = getattr(self, name)
+            if sizes is not None and (len(sizes) != self.n_layer or not all(_is_int(v) and v >= 1 for v in sizes)):
+                raise ValueError(f"{name} must list n_layer={self.n_layer} whole numbers >= 1, got {sizes}")
+        for i in range(self.n_layer):
+            self.for_block(i)  # each block's head counts must agree (GQA)
+
+    def for_block(self, i: int) -> "ModelArgs":
+        """The arguments of block i: its own head counts and FFN width (a pruned model's differ per block), as
+        uniform values. head_dim is already resolved, so it stays the model's."""
+        if all(getattr(self, name) is None for name in PER_BLOCK_FIELDS):
+            return self
+        n_head = self.layer_n_head[i] if self.layer_n_head else self.n_head
+        n_local_heads = self.layer_n_local_heads[i] if self.layer_n_local_heads else self.n_local_heads
+        intermediate_size = self.layer_intermediate_size[i] if self.layer_intermediate_size else self.intermediate_size
+        try:
+            return replace(self, n_head=n_head, n_local_heads=n_local_heads, intermediate_size=intermediate_size,
+                           layer_n_head=None, layer_n_local_heads=None, layer_intermediate_size=None)
+        except ValueError as e:
+            raise ValueError(f"block {i}: {e}") from None
+
+    def to_dict(self) -> dict:
+        """The stored form (config.json's model_args): a uniform model stores no per-block lists, so its config
+        and fingerprint read as before pruning existed."""
+        return {k: v for k, v in vars(self).items() if not (k in PER_BLOCK_FIELDS and v is None)}
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
@@ -69,16 +98,20 @@ class ModelArgs:
         if unknown:
             raise ValueError(f"unknown ModelArgs fields: {sorted(unknown)}")
         for name, v in d.items():
-            ok = {int: _is_int(v), float: _is_number(v), bool: isinstance(v, bool)}.get(
+            ok = {int: _is_int(v), float: _is_number(v), bool: isinstance(v, bool),
+                  Optional[list]: v is None or isinstance(v, list) and all(_is_int(x) for x in v)}.get(
                 kinds[name], v is None or isinstance(v, dict))
             if not ok:
-                expected = {int: "a whole number", float: "a number", bool: "true or false"}.get(
-                    kinds[name], "an object or null")
+                expected = {int: "a whole number", float: "a number", bool: "true or false",
+                            Optional[list]: "a list of whole numbers or null"}.get(kinds[name], "an object or null")
                 raise ValueError(f"model_args.{name}: expected {expected}, got {v!r}")
         try:
             return cls(**d)
         except ValueError as e:
             raise ValueError(f"model_args: {e}") from None
+
+
+PER_BLOCK_FIELDS = ("layer_n_head", "layer_n_local_heads", "layer_intermediate_size")
 
 
 def _is_int(v) -> bool:
@@ -181,7 +214,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, i, linear) for i in range(args.n_layer))
+        self.layers = nn.ModuleList(TransformerBlock(args.for_block(i), i, linear) for i in range(args.n_layer))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = linear("output", args.dim, args.vocab_size)
         self.tie_head()
@@ -223,8 +256,8 @@ class Transformer(nn.Module):
         device = device or self.norm.weight.device
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.args.n_local_heads,
-                                               self.args.head_dim, dtype).to(device)
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, layer.attention.n_local_heads,
+                                               layer.attention.head_dim, dtype).to(device)
         self.register_buffer("freqs_cis", precompute_freqs_cis(self.args, max_seq_length).to(device), persistent=False)
         causal = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", causal, persistent=False)

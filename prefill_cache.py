@@ -46,7 +46,7 @@ def check_cache_dir(directory) -> Path:
 def model_fingerprint(model) -> str:
     """Identity of a model's weights: its arguments, and for every tensor its name, shape, dtype and a strided
     sample of its bytes (hashing 4,096 values per tensor tells checkpoints apart without reading them all)."""
-    h = hashlib.sha256(json.dumps(vars(model.args), sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(model.args.to_dict(), sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
         flat = t.detach().reshape(-1)
         sample = flat[::max(1, flat.numel() // 4096)].contiguous().cpu()
@@ -177,15 +177,15 @@ class PrefillCache:
     def _load(self, path: Path, tokens: list, model):
         """The file's tensors, checked against its checksum and the model's cache layout; None if corrupt."""
         cache = model.layers[0].attention.kv_cache.k_cache
-        want = (1, cache.shape[1], len(tokens), cache.shape[3])
+        want = {f"{kind}.{i}": (1, layer.attention.n_local_heads, len(tokens), layer.attention.head_dim)
+                for kind in "kv" for i, layer in enumerate(model.layers)}  # a pruned model's head counts differ
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 kv = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-            names = {f"{kind}.{i}" for kind in "kv" for i in range(len(model.layers))}
-            if set(kv) != names:
+            if set(kv) != set(want):
                 raise ValueError("wrong tensor names")
-            if any(tuple(t.shape) != want or t.dtype != cache.dtype for t in kv.values()):
+            if any(tuple(t.shape) != want[name] or t.dtype != cache.dtype for name, t in kv.items()):
                 raise ValueError("wrong tensor shapes or dtypes")
             if _tensors_digest(kv) != meta.get("sha256"):
                 raise ValueError("checksum mismatch")

@@ -14,7 +14,7 @@ def save_tiny(model, out, tokenizer: bool = False) -> Path:
         meta = read_config(default)["tokenizer"]
         files = {meta["file"]: (default / meta["file"]).read_bytes()}
     save_checkpoint(out, model_state_for_saving(model.state_dict(), model.args),
-                    {"model_args": vars(model.args), "tokenizer": meta}, files)
+                    {"model_args": model.args.to_dict(), "tokenizer": meta}, files)
     return Path(out)
 
 
