@@ -263,7 +263,7 @@ def evaluate(run: Session, step: int) -> float:
         r = perplexity(run.student, run.eval_tokens, run.o.eval_context, device=run.device)
     if run.main:
         append_log(run.log_path, {"step": step, "tokens": step * run.tokens_per_step, "eval_ppl": r["ppl"],
-                              "eval_tokens": r["tokens"], "eval_s": round(time.perf_counter() - t0, 2)})
+                                  "eval_tokens": r["tokens"], "eval_s": round(time.perf_counter() - t0, 2)})
     return r["ppl"]
 
 
@@ -335,6 +335,14 @@ def _steps(run: Session, start: int) -> int:
     return end
 
 
+def state_bytes(params: dict, optimizer) -> int:
+    """Bytes this process holds of the trainable tensors and their optimizer state (its shards under FSDP)."""
+    tensors = [*params.values(), *(v for state in optimizer.state.values() for v in state.values()
+                                   if isinstance(v, torch.Tensor))]
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
 def _save(run: Session, step: int):
     """An --fsdp run writes sharded checkpoints (every process its shards, also with one process); others rank 0's
     whole tensors."""
@@ -348,13 +356,14 @@ def _finish(run: Session, step: int) -> dict:
     """The run's summary; a finished run is exported and its curves plotted."""
     s = run.s
     summary = {"steps": step, "tokens": step * run.tokens_per_step, "beta": run.beta,
-               "seconds": time.perf_counter() - run.t_start, "finished": step == s.steps}
+               "seconds": time.perf_counter() - run.t_start, "finished": step == s.steps,
+               "state_bytes": state_bytes(run.params, run.optimizer)}
     finished = run.student
     if run.sharded and step == s.steps:
         finished = gathered_student(run.student, run.plan, s.train_scales)
     if run.main and step == s.steps:
         export(finished, run.plan, run.float_ckpt, run.out, {"method": f"qat-{s.loss}", "init": s.init,
-                                                                "steps": step, "tokens": summary["tokens"]})
+                                                             "steps": step, "tokens": summary["tokens"]})
         plot_curves(run.log_path, run.run_dir / "curves.png", title=f"QAT {s.loss}")
         summary["out"] = str(run.out)
         log_err(f"train: {step} steps, {summary['tokens']} tokens in {summary['seconds']:.0f} s -> {run.out}")

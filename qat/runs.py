@@ -107,11 +107,13 @@ def save_sharded_train_state(run_dir: Path, step: int, model, optimizer, meta: d
 
 def _load_sharded(state: dict, ckpt: Path):
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     try:
         dcp.load(state, checkpoint_id=ckpt)
-    except Exception as e:  # DCP wraps every process's failure (missing key, shape, torn file) in one exception
+    except CheckpointException as e:  # it wraps each process's failure: a missing key, a shape, a torn file
+        first = next(iter(e.failures.values()))[0]
         raise ValueError(f"{ckpt}: sharded checkpoint is damaged or does not match the model being trained "
-                         f"({' '.join(str(e).split())[:300]})") from None
+                         f"({' '.join(str(first).split())[:200]})") from None
 
 
 def restore_sharded_train_state(model, optimizer, ckpt: Path):

@@ -235,11 +235,11 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(files, 
     assert_same_tensors(final_params(tmp_path / "ddp"), final_params(tmp_path / "single"), rtol=0, atol=2e-5)
 
 
-def torchrun(files, run_dir, *extra):
+def torchrun(files, run_dir, *extra, check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "train_qat.py",
            *cli_train_command(files, run_dir, *extra)]
     r = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert not check or r.returncode == 0, r.stderr[-3000:]
     return r
 
 
@@ -274,6 +274,15 @@ def test_fsdp_two_processes_equal_one_process_and_resume_exactly(files, tmp_path
     # Another world size: one process reads the two processes' shards whole and goes on.
     train_qat.train(train_args(files, tmp_path / "one", *fsdp, "--resume"))
     assert_same_tensors(sharded_params(files, tmp_path / "one"), whole, rtol=0, atol=2e-5)
+    # A run of whole-tensor checkpoints cannot go on sharded: one line, exit 2, nothing written.
+    before = sorted((tmp_path / "single").rglob("*"))
+    r = torchrun(files, tmp_path / "single", *fsdp, "--resume", check=False)
+    assert "exitcode  : 2" in r.stderr and "written without --fsdp): resume it without --fsdp" in r.stderr
+    assert sorted((tmp_path / "single").rglob("*")) == before
+    shard = checkpoints(tmp_path / "whole")[-1] / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match="sharded checkpoint is damaged or does not match"):
+        train_qat.train(train_args(files, tmp_path / "whole", *fsdp, "--resume"))
 
 
 # ---------------------------------------------------------------- teacher data
