@@ -10,8 +10,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from checkpoint import is_checkpoint_dir, load_state_dict, load_tokenizer_for
 from convert import resolve_checkpoint
@@ -77,7 +85,6 @@ def _sharded_state(model, optimizer=None) -> dict:
     """What a sharded checkpoint holds, as torch.distributed.checkpoint saves and loads it: the trainable tensors
     and, with an optimizer, its state and the random-number state. Each process's own shards under FSDP (DCP
     reshards on load, so a run may resume with another number of processes), whole tensors otherwise."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
     if optimizer is None:
         return {"model": get_model_state_dict(model, options=_TRAINABLE_ONLY)}
     model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE_ONLY)
@@ -87,7 +94,6 @@ def _sharded_state(model, optimizer=None) -> dict:
 def save_sharded_train_state(run_dir: Path, step: int, model, optimizer, meta: dict, keep: int) -> Path:
     """Called by every process: each writes its shards into rank 0's temp folder, which rank 0 renames once all
     are written (dcp.save returns after the last shard and the index), so step-N/ is whole or absent."""
-    import torch.distributed.checkpoint as dcp
     state = _sharded_state(model, optimizer)
     main = not dist.is_initialized() or dist.get_rank() == 0
     final = run_dir / f"step-{step:06d}"
@@ -106,8 +112,6 @@ def save_sharded_train_state(run_dir: Path, step: int, model, optimizer, meta: d
 
 
 def _load_sharded(state: dict, ckpt: Path):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
     try:
         dcp.load(state, checkpoint_id=ckpt)
     except CheckpointException as e:  # it wraps each process's failure: a missing key, a shape, a torn file
@@ -118,7 +122,6 @@ def _load_sharded(state: dict, ckpt: Path):
 
 def restore_sharded_train_state(model, optimizer, ckpt: Path):
     """Called by every process: load a sharded checkpoint into the (sharded or whole) model and optimizer."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
     state = _sharded_state(model, optimizer)
     _load_sharded(state, ckpt)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
@@ -128,7 +131,6 @@ def restore_sharded_train_state(model, optimizer, ckpt: Path):
 
 def load_sharded_params(model, ckpt: Path):
     """One process: the trainable tensors of a sharded checkpoint, whole, into an unsharded model."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
     state = _sharded_state(model)
     _load_sharded(state, ckpt)
     set_model_state_dict(model, state["model"], options=_TRAINABLE_ONLY)
