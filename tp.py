@@ -12,7 +12,9 @@ Quantized layers split with their rows: codes, scales and zeros of an output row
 cuts each row's input features, so the quantization group size must divide a process's share of them.
 
 The model's modules keep their classes; only their tensors and head counts change (model.args then describes one
-process's share, which is what setup_caches sizes the KV cache from).
+process's share, which is what setup_caches sizes the KV cache from). Each process loads the whole checkpoint and
+keeps its slices: on a GPU the rest is freed; on the CPU the loaded block of memory (memory.py) stays, as the
+embedding and norms live in it, so tensor parallelism there buys compute, not memory.
 """
 from dataclasses import replace
 
@@ -42,7 +44,8 @@ def shard_linear(linear: nn.Module, name: str, dim: int, rank: int, world: int):
     if isinstance(linear, QuantLinear):
         _shard_quantized(linear, name, dim, rank, world)
         return
-    weight = linear.weight.detach().chunk(world, dim)[rank].contiguous()  # [N, K] -> [N/w, K] or [N, K/w]
+    # [N, K] -> [N/w, K] or [N, K/w]; a copy, not a view, so that on a GPU the whole weight's memory is freed
+    weight = linear.weight.detach().chunk(world, dim)[rank].clone(memory_format=torch.contiguous_format)
     linear.weight = nn.Parameter(weight, requires_grad=False)
     linear.out_features, linear.in_features = weight.shape
 
