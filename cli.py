@@ -4,6 +4,7 @@ input ending in one clear line and exit 2 instead of a traceback.
 Validation happens at the edges (flags here, files where they are read) and raises ValueError with the file or
 flag and what was expected; `run` turns only those user errors into one line, so a bug still shows its traceback."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -106,6 +107,20 @@ def setup_device(args) -> torch.dtype:
     if args.device.startswith("cuda"):
         return torch.bfloat16
     return torch.bfloat16 if getattr(args, "bf16_on_capable_cpus", False) and cpu_has_native_bf16() else torch.float32
+
+
+def init_distributed(device: str) -> tuple:
+    """(rank, world size, device) under torchrun (a gloo process group on CPU, nccl on CUDA with one GPU per
+    process); (0, 1, device) otherwise."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    import torch.distributed as dist
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def run(main):

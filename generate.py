@@ -6,8 +6,11 @@ at a time with speculative decoding; optionally reuse a prompt prefix's keys/val
     python generate.py --chat --compile --prompt_lookup --prompt_file passage_and_question.txt
     python generate.py --chat --compile --draft_checkpoint checkpoints/smollm2-int4 --speculate_k 2
     python generate.py --chat --prefill_cache ~/.cache/bitfast-prefill --prompt_file long_document.txt
+    torchrun --nproc-per-node 2 generate.py --chat --prompt "..."   # tensor-parallel over 2 processes (tp.py)
 """
+import atexit
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ from cli import (
     DTYPES,
     ArgumentParser,
     add_device_args,
+    init_distributed,
     nonempty,
     nonneg_float,
     nonneg_int,
@@ -34,6 +38,7 @@ from fileio import check_output_dir
 from prefill_cache import PrefillCache, check_cache_dir
 from profiling import TRACE_NAME, is_profile_dir, profile_decode, speed_report, weight_bytes
 from speculative import MAX_SPECULATE_K, DraftModel, PromptLookup, verify
+from tp import apply_tensor_parallel
 
 class TextStreamer:
     """Prints tokens as they come, holding back bytes until they form whole UTF-8 characters."""
@@ -142,8 +147,27 @@ def load_speculator(args, model, tokenizer, dtype):
     return DraftModel(draft, compile_step(verify, args.device) if args.compile else verify)
 
 
+def setup_tensor_parallel(args) -> tuple:
+    """Under torchrun every process holds a slice of the model (tp.py) and runs every token; (rank, world size).
+    Only rank 0 prints (the others compute the same tokens)."""
+    rank, world, args.device = init_distributed(args.device)
+    if world == 1:
+        return rank, world
+    import torch.distributed as dist
+    atexit.register(dist.destroy_process_group)
+    for flag in ("interactive", "prefill_cache", "profile", "adapter"):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag} works in one process, not with tensor parallelism (torchrun)")
+    if rank:  # the file descriptors, so that everything that holds sys.stdout or sys.stderr writes nowhere too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
+    return rank, world
+
+
 def main(argv=None):
     args = parse_args(argv)
+    rank, world = setup_tensor_parallel(args)
     dtype = setup_device(args)
     torch.manual_seed(args.seed)
     prompt_text = read_prompt(args)
@@ -154,10 +178,14 @@ def main(argv=None):
         check_output_dir(args.profile, is_profile_dir, "profile")
     ckpt = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer_for(ckpt, verify=not args.skip_checksum)
+    # Layers stay apart with an adapter (the adapted ones cannot fuse) and under tensor parallelism (tp.py splits
+    # q, k, v and gate, up one by one).
     model = load_model(ckpt, device=args.device, dtype=dtype, verify=not args.skip_checksum,
-                       fuse=not args.adapter)  # adapted layers stay apart
+                       fuse=not args.adapter and world == 1)
     if args.adapter:
         load_adapter(model, args.adapter, ckpt)
+    if world > 1:
+        apply_tensor_parallel(model, rank, world)
     if args.max_seq_length and args.max_seq_length > model.args.block_size:
         raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the model's context of "
                          f"{model.args.block_size} tokens")

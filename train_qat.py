@@ -4,6 +4,7 @@
     python train_qat.py train --data data/teacher.jsonl --format int2-g64 --init awq --run_dir out/qat
     python train_qat.py train ... --resume                                    # continue from the latest checkpoint
     torchrun --nproc-per-node=2 train_qat.py train ...                        # DDP: gloo on CPU, nccl on GPU
+    torchrun --nproc-per-node=2 train_qat.py train --fsdp ...                 # FSDP2: student and AdamW sharded
     python train_qat.py export --run_dir out/qat --out checkpoints/qat        # pack a run's latest checkpoint
     python train_qat.py lora --checkpoint checkpoints/int4 --data my.jsonl --rank 16 --run_dir out/lora  # QLoRA
 

@@ -26,7 +26,9 @@ from eval.data import CORPORA, corpus_text, load_text_file  # noqa: E402
 from lora import load_adapter  # noqa: E402
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: an FSDP-sharded student (train_qat.py --fsdp) gathers its weights into buffers it
+# reuses when training goes on, and a tensor made under inference_mode cannot be written outside it.
+@torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, context: int = 2048, batch_size: int = 1, device=None) -> dict:
     """tokens: [N] ids. Returns {"ppl", "nll" (mean per scored token), "tokens" (scored), "windows"}."""
     if context < 2:

@@ -51,6 +51,7 @@ RUN_FIELDS = tuple(f.name for f in fields(RunSettings))
 class RunOptions:
     """How a run is carried out: none of these changes the weights it reaches."""
     micro_batch: int
+    fsdp: bool
     activation_checkpointing: bool
     eval_data: str
     eval_every: int
@@ -110,7 +111,11 @@ def add_train_flags(t):
     t.add_argument("--weight_decay", type=cli.nonneg_float, default=0.0)
     t.add_argument("--grad_clip", type=cli.positive_float, default=1.0)
     t.add_argument("--seed", type=cli.nonneg_int, default=0)
-    t.add_argument("--activation_checkpointing", action="store_true")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the trainable tensors and the optimizer state over the processes "
+                        "(FSDP2, per block); checkpoints are sharded (torch.distributed.checkpoint)")
+    t.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass (less memory, more time)")
     t.add_argument("--eval_data", default="boolq", type=cli.nonempty,
                    help="held-out text: a corpus's eval split, or a file")
     t.add_argument("--eval_every", type=cli.nonneg_int, default=50,

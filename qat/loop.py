@@ -1,10 +1,10 @@
 """The training loop: losses (CAKLD, forward/reverse KL, cross-entropy), the learning-rate schedule, one optimizer
-step over micro-batches (and DDP ranks), held-out evaluation, and a whole run from its first (or resumed) step to the
-export. Rank 0 logs, evaluates, checkpoints and exports."""
+step over micro-batches (and DDP or FSDP ranks), held-out evaluation, and a whole run from its first (or resumed)
+step to the export. Rank 0 logs, checkpoints and exports; under FSDP (--fsdp) every process takes part in the
+evaluation, the checkpoints (each writes its shards) and the export (each gathers its shards for rank 0)."""
 import contextlib
 import hashlib
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for, read_config
+from cli import init_distributed
 from convert import resolve_checkpoint
 from eval.perplexity import perplexity
 from fileio import check_output_dir
@@ -30,12 +32,14 @@ from qat.runs import (
     is_run_dir,
     plot_curves,
     read_train_state,
+    restore_sharded_train_state,
     restore_train_state,
+    save_sharded_train_state,
     save_train_state,
     truncate_log,
 )
 from qat.lora import LoRARun, build_lora_student, check_same_lora
-from qat.student import build_student, checkpoint_activations, export
+from qat.student import build_student, checkpoint_activations, export, gathered_student, shard_student
 
 
 # ---------------------------------------------------------------- losses and schedule
@@ -82,18 +86,6 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float
 
 # ---------------------------------------------------------------- a run
 
-def init_distributed(device: str) -> tuple:
-    """(rank, world size, device) under torchrun; (0, 1, device) otherwise."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    cuda = device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 @dataclass
 class Session:
     """What a running training holds."""
@@ -111,7 +103,7 @@ class Session:
     data_hash: str = ""
     eval_tokens: torch.Tensor = None
     student: torch.nn.Module = None
-    model: torch.nn.Module = None  # the student, or its DDP wrapper
+    model: torch.nn.Module = None  # the student, or its DDP wrapper (FSDP shards the student itself)
     teacher: torch.nn.Module = None
     plan: dict = None
     params: dict = None
@@ -125,6 +117,11 @@ class Session:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: the trainable tensors, their gradients and the optimizer state are split over the processes."""
+        return self.o.fsdp and self.world > 1
 
     @property
     def log_path(self) -> Path:
@@ -212,13 +209,14 @@ def _load_data(run: Session):
         raise ValueError(f"{s.data}: {run.windows.shape[0]} windows of {s.seq_len + 1} tokens, fewer than one "
                          f"batch of {s.batch_size}")
     run.data_hash = hashlib.sha256(run.windows.numpy().tobytes()).hexdigest()[:16]
-    if run.main and o.eval_every:
+    if (run.main or run.sharded) and o.eval_every:
         run.eval_tokens = held_out_tokens(tokenizer, o.eval_data, o.eval_tokens, o.eval_context)
     run.tokenizer = tokenizer
 
 
 def _build_models(run: Session):
-    """Student (DDP-wrapped across ranks), frozen teacher (none for cross-entropy) and optimizer."""
+    """Student (sharded by FSDP, or DDP-wrapped, across ranks), frozen teacher (none for cross-entropy) and
+    optimizer (over the student's shards under FSDP)."""
     s, device = run.s, run.device
     if run.lora:
         run.student, run.plan, teacher = build_lora_student(run.lora, run.float_ckpt, s.loss)
@@ -228,10 +226,12 @@ def _build_models(run: Session):
     run.teacher = load_model(teacher, device=device).requires_grad_(False) if s.loss != "ce" else None
     if run.o.activation_checkpointing:
         checkpoint_activations(run.student)
+    if run.sharded:
+        shard_student(run.student)
     run.params = {n: p for n, p in run.student.named_parameters() if p.requires_grad}
     run.optimizer = torch.optim.AdamW(run.params.values(), lr=s.lr, weight_decay=s.weight_decay)
     run.model = run.student
-    if run.world > 1:
+    if run.world > 1 and not run.sharded:
         from torch.nn.parallel import DistributedDataParallel
         run.model = DistributedDataParallel(run.student, device_ids=[device] if device.startswith("cuda") else None,
                                             broadcast_buffers=False)
@@ -244,7 +244,12 @@ def _start(run: Session, resume_from, resumed) -> int:
         meta, tensors = resumed
         if meta.get("data_hash") != run.data_hash:
             raise ValueError(f"{resume_from}: the training data changed since this checkpoint was written")
-        restore_train_state(meta, tensors, run.params, run.optimizer, resume_from)
+        if tensors is None:
+            restore_sharded_train_state(run.student, run.optimizer, resume_from)
+        elif run.sharded:
+            raise ValueError(f"{resume_from} holds whole tensors (written without --fsdp): resume it without --fsdp")
+        else:
+            restore_train_state(meta, tensors, run.params, run.optimizer, resume_from)
         run.beta = meta["beta"]
         if run.main:
             truncate_log(run.log_path, meta["step"])
@@ -264,14 +269,16 @@ def _start(run: Session, resume_from, resumed) -> int:
 
 
 def evaluate(run: Session, step: int) -> float:
-    """Held-out perplexity of the student, logged."""
+    """Held-out perplexity of the student, logged by rank 0 (under FSDP every process runs it: each block's
+    forward gathers its shards from all of them)."""
     t0 = time.perf_counter()
     training = run.student.training
     with run.autocast():
         r = perplexity(run.student.eval(), run.eval_tokens, run.o.eval_context, device=run.device)
     run.student.train(training)
-    append_log(run.log_path, {"step": step, "tokens": step * run.tokens_per_step, "eval_ppl": r["ppl"],
-                              "eval_tokens": r["tokens"], "eval_s": round(time.perf_counter() - t0, 2)})
+    if run.main:
+        append_log(run.log_path, {"step": step, "tokens": step * run.tokens_per_step, "eval_ppl": r["ppl"],
+                                  "eval_tokens": r["tokens"], "eval_s": round(time.perf_counter() - t0, 2)})
     return r["ppl"]
 
 
@@ -285,7 +292,9 @@ def train_step(run: Session, step: int, lr: float) -> tuple:
     total = torch.zeros((), device=run.device)
     for i, chunk in enumerate(mine.split(run.o.micro_batch)):
         x, y = chunk[:, :-1].to(run.device), chunk[:, 1:].to(run.device)
-        sync = i == run.accum - 1 or run.world == 1
+        # DDP reduces the gradients once, after the last micro-batch; FSDP reduce-scatters after each one, so a
+        # process never holds more than its shard of the gradients.
+        sync = i == run.accum - 1 or run.world == 1 or run.sharded
         with contextlib.nullcontext() if sync else run.model.no_sync():
             with run.autocast():
                 logits = run.model(x)
@@ -298,6 +307,8 @@ def train_step(run: Session, step: int, lr: float) -> tuple:
         dist.all_reduce(total)
         total /= run.world
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params.values(), s.grad_clip)
+    if isinstance(grad_norm, DTensor):  # FSDP: the norm over every process's shards
+        grad_norm = grad_norm.full_tensor()
     if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
         last = checkpoints(run.run_dir)
         raise ValueError(f"loss is {total.item()} (gradient norm {grad_norm.item()}) at step {step + 1}; stopped "
@@ -308,9 +319,10 @@ def train_step(run: Session, step: int, lr: float) -> tuple:
 
 
 def _steps(run: Session, start: int) -> int:
-    """Steps from `start` to the end (or --stop_after); rank 0 logs, evaluates and checkpoints. Returns the end."""
+    """Steps from `start` to the end (or --stop_after); rank 0 logs (evaluate and _save say who evaluates and
+    checkpoints). Returns the end."""
     s, o = run.s, run.o
-    if run.main and run.eval_tokens is not None and start == 0:
+    if run.eval_tokens is not None and start == 0:
         evaluate(run, 0)
     end = s.steps if o.stop_after is None else min(s.steps, start + o.stop_after)
     bar = tqdm(total=s.steps, initial=start, unit="step", desc="qat", disable=not run.main)
@@ -328,27 +340,48 @@ def _steps(run: Session, start: int) -> int:
             append_log(run.log_path, row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tok_s']:.0f}")
-            if run.eval_tokens is not None and (done % o.eval_every == 0 or done == s.steps):
-                bar.set_postfix(loss=f"{row['loss']:.4f}", eval_ppl=f"{evaluate(run, done):.2f}")
-            if done % o.save_every == 0 or done == end:
-                save_train_state(run.run_dir, done, run.params, run.optimizer, run.meta, o.keep_checkpoints)
+        if run.eval_tokens is not None and (done % o.eval_every == 0 or done == s.steps):
+            bar.set_postfix(eval_ppl=f"{evaluate(run, done):.2f}")  # the bar is rank 0's
+        if done % o.save_every == 0 or done == end:
+            _save(run, done)
         if run.world > 1:
             dist.barrier()
     bar.close()
     return end
 
 
+def state_bytes(params: dict, optimizer) -> int:
+    """Bytes this process holds of the trainable tensors and their optimizer state (its shards under FSDP)."""
+    tensors = [*params.values(), *(v for state in optimizer.state.values() for v in state.values()
+                                   if isinstance(v, torch.Tensor))]
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def _save(run: Session, step: int):
+    """An --fsdp run writes sharded checkpoints (every process its shards, also with one process); others rank 0's
+    whole tensors."""
+    if run.o.fsdp:
+        save_sharded_train_state(run.run_dir, step, run.student, run.optimizer, run.meta, run.o.keep_checkpoints)
+    elif run.main:
+        save_train_state(run.run_dir, step, run.params, run.optimizer, run.meta, run.o.keep_checkpoints)
+
+
 def _finish(run: Session, step: int) -> dict:
     """The run's summary; a finished run is exported and its curves plotted."""
     s = run.s
     summary = {"steps": step, "tokens": step * run.tokens_per_step, "beta": run.beta,
-               "seconds": time.perf_counter() - run.t_start, "finished": step == s.steps}
+               "seconds": time.perf_counter() - run.t_start, "finished": step == s.steps,
+               "state_bytes": state_bytes(run.params, run.optimizer)}
+    finished = run.student
+    if run.sharded and step == s.steps:
+        finished = gathered_student(run.student, run.plan, s.train_scales)
     if run.main and step == s.steps:
         info = {"steps": step, "tokens": summary["tokens"]}
         if run.lora:
             save_adapter(run.student, run.lora.config, run.float_ckpt, run.out, {"loss": s.loss, **info})
         else:
-            export(run.student, run.plan, run.float_ckpt, run.out, {"method": f"qat-{s.loss}", "init": s.init, **info})
+            export(finished, run.plan, run.float_ckpt, run.out, {"method": f"qat-{s.loss}", "init": s.init, **info})
         plot_curves(run.log_path, run.run_dir / "curves.png", title=f"{'LoRA' if run.lora else 'QAT'} {s.loss}")
         summary["out"] = str(run.out)
         log_err(f"train: {step} steps, {summary['tokens']} tokens in {summary['seconds']:.0f} s -> {run.out}")

@@ -75,6 +75,8 @@ def check_lora_flags(t, args):
             t.error(f"--{name} is a QAT flag; a LoRA run trains adapters over --checkpoint as it is")
     if args.dropout >= 1:
         t.error(f"argument --dropout: expected a number in [0, 1), got {args.dropout}")
+    if args.fsdp:  # adapters are small: every process can hold them whole (DDP under torchrun)
+        t.error("--fsdp shards a QAT student; a LoRA run trains only its adapters and uses DDP under torchrun")
     if args.teacher and args.loss == "ce":
         t.error("--teacher is used by the distillation losses (--loss cakld|fkl|rkl), not by --loss ce")
 

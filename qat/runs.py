@@ -1,6 +1,7 @@
 """A QAT run folder: log.jsonl (every step; periodic held-out perplexity), step-NNNNNN/ checkpoints (trainable
 tensors, optimizer, RNG, data position; written to a temp folder and renamed), curves.png, and the exported packed
 checkpoint. Writing, reading and checking checkpoints and the log, resuming, and exporting the latest checkpoint."""
+import contextlib
 import io
 import json
 import re
@@ -8,7 +9,17 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from checkpoint import is_checkpoint_dir, load_state_dict, load_tokenizer_for
 from convert import resolve_checkpoint
@@ -52,14 +63,86 @@ def save_train_state(run_dir: Path, step: int, params: dict, optimizer, meta: di
     with atomic_dir(final) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**meta, "step": step, "param_groups": opt["param_groups"]}))
+    _keep_latest(run_dir, keep)
+    return final
+
+
+def _keep_latest(run_dir: Path, keep: int):
     for old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
+
+
+# A sharded checkpoint (an --fsdp run's) is a torch.distributed.checkpoint folder: this index beside each
+# process's shard file (__RANK_0.distcp), and state.json.
+SHARDED_INDEX = ".metadata"
+# Only the trainable tensors are saved (the frozen ones come from the --init start). dcp.load fails on any of them
+# missing from the checkpoint, so loading need not be strict about the frozen ones it leaves alone.
+_TRAINABLE_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def is_sharded(ckpt: Path) -> bool:
+    return (ckpt / SHARDED_INDEX).is_file()
+
+
+def _sharded_state(model, optimizer=None) -> dict:
+    """What a sharded checkpoint holds, as torch.distributed.checkpoint saves and loads it: the trainable tensors
+    and, with an optimizer, its state and the random-number state. Each process's own shards under FSDP (DCP
+    reshards on load, so a run may resume with another number of processes), whole tensors otherwise."""
+    if optimizer is None:
+        return {"model": get_model_state_dict(model, options=_TRAINABLE_ONLY)}
+    model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE_ONLY)
+    return {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
+
+
+def save_sharded_train_state(run_dir: Path, step: int, model, optimizer, meta: dict, keep: int) -> Path:
+    """Called by every process: each writes its shards into rank 0's temp folder, which rank 0 renames once all
+    are written (dcp.save returns after the last shard and the index), so step-N/ is whole or absent."""
+    state = _sharded_state(model, optimizer)
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    final = run_dir / f"step-{step:06d}"
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    with atomic_dir(final) if main else contextlib.nullcontext() as tmp:
+        if dist.is_initialized():
+            shared = [tmp]
+            dist.broadcast_object_list(shared, src=0)
+            tmp = shared[0]
+        dcp.save(state, checkpoint_id=tmp)
+        if main:
+            (tmp / "state.json").write_text(json.dumps({**meta, "step": step, "param_groups": groups}))
+    if main:
+        _keep_latest(run_dir, keep)
     return final
+
+
+def _load_sharded(state: dict, ckpt: Path):
+    try:
+        dcp.load(state, checkpoint_id=ckpt)
+    except CheckpointException as e:  # it wraps each process's failure: a missing key, a shape, a torn file
+        first = next(iter(e.failures.values()))[0]
+        raise ValueError(f"{ckpt}: sharded checkpoint is damaged or does not match the model being trained "
+                         f"({' '.join(str(first).split())[:200]})") from None
+
+
+def restore_sharded_train_state(model, optimizer, ckpt: Path):
+    """Called by every process: load a sharded checkpoint into the (sharded or whole) model and optimizer."""
+    state = _sharded_state(model, optimizer)
+    _load_sharded(state, ckpt)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_TRAINABLE_ONLY)
+    torch.set_rng_state(state["rng"])
+
+
+def load_sharded_params(model, ckpt: Path):
+    """One process: the trainable tensors of a sharded checkpoint, whole, into an unsharded model."""
+    state = _sharded_state(model)
+    _load_sharded(state, ckpt)
+    set_model_state_dict(model, state["model"], options=_TRAINABLE_ONLY)
 
 
 def read_train_state(ckpt: Path) -> tuple:
     """(meta, tensors) of a checkpoint folder, with a clear error for a damaged or hand-edited one: meta["config"]
-    becomes the run's RunSettings, checked as their flags are."""
+    becomes the run's RunSettings, checked as their flags are. tensors is None for a sharded checkpoint (its
+    shards are read by restore_sharded_train_state or load_sharded_params)."""
     path = ckpt / "state.json"
     if not path.is_file():
         raise ValueError(f"{ckpt}: not a training checkpoint (no state.json)")
@@ -78,7 +161,7 @@ def read_train_state(ckpt: Path) -> tuple:
         if not ok:
             raise ValueError(f"{path}: field {field!r}: expected {expected}, got {meta.get(field)!r}")
     meta["config"] = saved_settings(meta["config"], path)
-    return meta, load_state_dict(ckpt / "state.safetensors")
+    return meta, None if is_sharded(ckpt) else load_state_dict(ckpt / "state.safetensors")
 
 
 def check_same_run(saved: RunSettings, now: RunSettings, ckpt: Path):
@@ -138,7 +221,10 @@ def export_latest(run_dir: Path, out: Path) -> Path:
         save_adapter(student, lora.config, float_ckpt, out, {"loss": settings.loss, "steps": meta["step"]})
         return found[-1]
     student, plan = build_student(settings, float_ckpt, load_tokenizer_for(float_ckpt))
-    load_params(tensors, {n: p for n, p in student.named_parameters() if p.requires_grad}, found[-1])
+    if tensors is None:
+        load_sharded_params(student, found[-1])
+    else:
+        load_params(tensors, {n: p for n, p in student.named_parameters() if p.requires_grad}, found[-1])
     export(student, plan, float_ckpt, out, {"method": f"qat-{settings.loss}", "init": settings.init,
                                             "steps": meta["step"]})
     return found[-1]

@@ -4,9 +4,9 @@ to a normal packed checkpoint."""
 from calibrate import quantize_model
 from checkpoint import load_model, quant_plan, read_config, save_quantized
 from eval.data import calibration_batches
-from model import RMSNorm
+from model import RMSNorm, Transformer
 from qat.config import INIT_METHODS, RunSettings
-from qlinear import QuantFormat, QuantLinear, linear_names, read_recipe, resolve_recipe
+from qlinear import QuantFormat, QuantLinear, linear_names, quantized_linear_factory, read_recipe, resolve_recipe
 
 
 def plan_for(fmt: str, recipe_path, model) -> dict:
@@ -54,6 +54,35 @@ def checkpoint_activations(model):
     for block in model.layers:
         forward = block.forward
         block.forward = lambda *a, f=forward: checkpoint(f, *a, use_reentrant=False)
+
+
+def shard_student(model):
+    """FSDP2 over the process group: each block is one unit (its latents, scales and norms gathered for its
+    forward and backward, resharded after), the root holds the rest (embedding, head, final norm). Gradients are
+    reduce-scattered, so each process keeps only its shard of them and of the optimizer state.
+    The shards are gathered in float32 even in a bf16 run (no bf16 MixedPrecisionPolicy): a bf16 latent rounds to
+    other codes than the float32 latent the export packs (int8: up to half a code step); the matmuls still run in
+    bf16 under the run's autocast, as in a run of one process."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.layers:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def gathered_student(model, plan: dict, train_scales: bool):
+    """All processes: gather an FSDP-sharded student's whole state onto rank 0, which gets an unsharded copy of
+    the student to export (the others get None)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    whole = Transformer(model.args, quantized_linear_factory(plan))
+    for m in whole.modules():
+        if isinstance(m, QuantLinear):
+            m.train_mode(train_scales=train_scales)
+    whole.load_state_dict(state)
+    return whole
 
 
 def export(model, plan, float_ckpt, out, info):

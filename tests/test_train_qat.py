@@ -3,6 +3,7 @@ confidence, the schedule), an uninterrupted run for resume (in-process stop and 
 process for 2-process DDP, and the fake-quant student for the exported packed checkpoint."""
 import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from model import ModelArgs, Transformer
 from qat.config import RunSettings
 from qat.data import step_windows, training_tokens
 from qat.loop import kl_terms, lr_at, teacher_confidence
-from qat.runs import checkpoints, load_params
+from qat.runs import checkpoints, export_latest, load_params, load_sharded_params
 from qat.student import build_student
 from qlinear import QuantLinear
 from tests.tiny import save_tiny
@@ -232,6 +233,56 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(files, 
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es) x 2 micro-batch(es)" in r.stderr
     assert_same_tensors(final_params(tmp_path / "ddp"), final_params(tmp_path / "single"), rtol=0, atol=2e-5)
+
+
+def torchrun(files, run_dir, *extra, check=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "train_qat.py",
+           *cli_train_command(files, run_dir, *extra)]
+    r = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert not check or r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def sharded_params(files, run_dir):
+    """The trainable tensors of a run's latest (sharded) checkpoint, whole, named as final_params names them."""
+    student, _ = build_student(RunSettings.from_flags(vars(train_args(files, run_dir))), files / "tiny", None)
+    load_sharded_params(student, checkpoints(Path(run_dir))[-1])
+    return {f"param/{n}": p.detach() for n, p in student.named_parameters() if p.requires_grad}
+
+
+def test_fsdp_two_processes_equal_one_process_and_resume_exactly(files, tmp_path):
+    fsdp = ["--micro_batch", "1", "--fsdp", "--activation_checkpointing"]
+    train_qat.train(train_args(files, tmp_path / "single", "--micro_batch", "1", "--eval_every", "0"))
+    torchrun(files, tmp_path / "whole", *fsdp)  # evaluates at steps 0, 3, 6 with every process
+    shards = sorted(p.name for p in checkpoints(tmp_path / "whole")[-1].iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.json"]
+    whole = sharded_params(files, tmp_path / "whole")
+    assert_same_tensors(whole, final_params(tmp_path / "single"), rtol=0, atol=2e-5)
+    evals = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if "eval_ppl" in r] == [0, 3, 6]
+    # The export at the end of the run (rank 0 packs the gathered shards) = one process packing the checkpoint.
+    export_latest(tmp_path / "whole", tmp_path / "exported")
+    assert_same_tensors(exported(tmp_path / "whole"), load_state_dict(tmp_path / "exported" / "model.safetensors"))
+
+    torchrun(files, tmp_path / "part", *fsdp, "--stop_after", "3")
+    # As if killed while writing step 3: only its temp folder exists.
+    (tmp_path / "part" / "step-000003").rename(tmp_path / "part" / ".step-000003.tmp")
+    shutil.copytree(tmp_path / "part", tmp_path / "one")
+    torchrun(files, tmp_path / "part", *fsdp, "--resume")
+    assert_same_tensors(sharded_params(files, tmp_path / "part"), whole)
+    assert_same_tensors(exported(tmp_path / "part"), exported(tmp_path / "whole"))
+    # Another world size: one process reads the two processes' shards whole and goes on.
+    train_qat.train(train_args(files, tmp_path / "one", *fsdp, "--resume"))
+    assert_same_tensors(sharded_params(files, tmp_path / "one"), whole, rtol=0, atol=2e-5)
+    # A run of whole-tensor checkpoints cannot go on sharded: one line, exit 2, nothing written.
+    before = sorted((tmp_path / "single").rglob("*"))
+    r = torchrun(files, tmp_path / "single", *fsdp, "--resume", check=False)
+    assert "exitcode  : 2" in r.stderr and "written without --fsdp): resume it without --fsdp" in r.stderr
+    assert sorted((tmp_path / "single").rglob("*")) == before
+    shard = checkpoints(tmp_path / "whole")[-1] / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match="sharded checkpoint is damaged or does not match"):
+        train_qat.train(train_args(files, tmp_path / "whole", *fsdp, "--resume"))
 
 
 # ---------------------------------------------------------------- teacher data
