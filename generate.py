@@ -218,8 +218,9 @@ def main(argv=None):
                      decode_fn=decode_fn, **accel, **sampling)
             k1 = args.speculate_k + 1
             if speculator is not None and k1 <= size:  # a shorter context never has room to verify k tokens
-                verify_fn(model, torch.zeros(1, k1, dtype=torch.int, device=args.device),
-                          torch.arange(k1, device=args.device))
+                with torch.no_grad():  # as generate runs it: a graph traced with gradients on is another graph
+                    verify_fn(model, torch.zeros(1, k1, dtype=torch.int, device=args.device),
+                              torch.arange(k1, device=args.device))
             print(f"compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             warmed = True
         streamer = TextStreamer(tokenizer, stop_ids)

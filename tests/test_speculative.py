@@ -253,7 +253,7 @@ def test_default_model_greedy_is_unchanged_by_prompt_lookup_and_a_bf16_draft():
 def test_cli_prompt_lookup_prints_the_same_text_and_its_acceptance():
     args = ["--chat", "--prompt", "Repeat exactly: the cat sat on the mat, the cat sat on the mat.",
             "--max_new_tokens", "24", "--threads", "1"]
-    plain, fast = run_generate(*args), run_generate(*args, "--prompt_lookup", "--speculate_k", "2")
+    plain, fast = run_generate(*args), run_generate(*args, "--prompt_lookup", "--speculate_k", "2", "--compile")
     assert plain.returncode == fast.returncode == 0, fast.stderr
     assert fast.stdout == plain.stdout and "speculation kept" in fast.stderr
 
