@@ -16,6 +16,7 @@ group size to divide K; the others are refused. A quantized output head is writt
 quantizes no lm_head in this format. Q and K rows go back to the rotate-half order Hugging Face uses.
 """
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -68,12 +69,11 @@ def check_hf_format(fmt: QuantFormat, in_features: int, layer: str):
 def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes [R, C] -> int32 [R, ceil(C * bits / 32)]: kernels/packing.py's little-endian bit stream,
     padded to whole 32-bit words and read as little-endian int32 (compressed-tensors' pack_to_int32 layout)."""
-    rows, cols = codes.shape
-    words = -(-cols * bits // 32)
-    padded = torch.nn.functional.pad(codes.to(torch.uint8), (0, words * 32 // bits - cols))
-    stream = pack(padded, bits).to(torch.int64).view(rows, words, 4)
-    word = stream[..., 0] | stream[..., 1] << 8 | stream[..., 2] << 16 | stream[..., 3] << 24
-    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
+    if sys.byteorder != "little":
+        raise ValueError("the compressed-tensors export reads packed bytes as little-endian int32 words")
+    cols = codes.shape[1]
+    padded = torch.nn.functional.pad(codes.to(torch.uint8), (0, -(-cols * bits // 32) * 32 // bits - cols))
+    return pack(padded, bits).contiguous().view(torch.int32)
 
 
 def compressed_tensors(layer: QuantLinear, permute=None) -> dict:
