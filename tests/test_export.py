@@ -250,6 +250,8 @@ def test_gguf_float_export_round_trips_exactly(tmp_path):
     assert back.args.norm_eps == np.float32(model.args.norm_eps)  # GGUF stores it as float32
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+    half = export_gguf(ckpt, tmp_path / "half.gguf", "f16")
+    assert {r.gguf_type for r in half} == {"F16"} and all(0 < r.relative_error <= 2 ** -11 for r in half)
 
 
 # ---------------------------------------------------------------- bad input
