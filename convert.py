@@ -81,6 +81,11 @@ def hf_to_interleaved(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Ten
     return w.view(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
+def interleaved_to_hf(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """The inverse of hf_to_interleaved, on rows: also moves the rows of a quantized weight's codes and scales."""
+    return w.reshape(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+
 def _read_hf_weights(folder: Path) -> dict:
     files = sorted(folder.glob("*.safetensors"))
     if files:

@@ -102,13 +102,21 @@ def check_output_file(path, is_ours, what: str) -> Path:
 
 def atomic_write(path, data):
     """Write bytes or text to `path` through a temp file in the same folder and a rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+
+
+@contextmanager
+def atomic_file(path):
+    """Yield a temp file path beside `path` for a writer that wants a file name (e.g. gguf.GGUFWriter); when the
+    block ends without error the file replaces `path`, else it is removed. Check the path first (check_output_file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
+        yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:

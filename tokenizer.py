@@ -305,6 +305,40 @@ def render_llama2(messages: list[dict], bos: str, eos: str) -> str:
     return "".join(parts)
 
 
+def jinja_chat_template(name: str, default_system_prompt: str | None = None) -> str:
+    """A Hugging Face / llama.cpp jinja chat template that renders as our `name` template does (the exporters
+    write it; detect_chat_template and detect_default_system_prompt read it back)."""
+    if name not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown chat template {name!r}; expected one of {CHAT_TEMPLATES}")
+    literal = lambda text: json.dumps(text, ensure_ascii=False)  # noqa: E731 (a jinja string literal)
+    prefix = ""
+    if default_system_prompt is not None and name == "chatml":  # written out, as SmolLM2's template does
+        prefix = ("{%- if messages and messages[0]['role'] != 'system' %}{{ "
+                  + literal(f"<|im_start|>system\n{default_system_prompt}<|im_end|>\n")
+                  + " }}{%- endif %}")
+    elif default_system_prompt is not None:
+        prefix = ("{%- if messages and messages[0]['role'] != 'system' %}{%- set messages = [{'role': 'system', "
+                  "'content': " + literal(default_system_prompt) + "}] + messages %}{%- endif %}")
+    body = {
+        "chatml": "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                  "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}",
+        "llama3": "{%- for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+                  "(m['content'] | trim) + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}"
+                  "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}",
+        "llama2": "{%- set system = none %}{%- if messages and messages[0]['role'] == 'system' %}"
+                  "{%- set system = messages[0]['content'] %}{%- set messages = messages[1:] %}{%- endif %}"
+                  "{%- for m in messages %}{%- if m['role'] != ['user', 'assistant'][loop.index0 % 2] %}"
+                  "{{ raise_exception('the llama2 chat template needs user/assistant turns alternating, starting "
+                  "with user') }}{%- endif %}{%- set content = m['content'] %}"
+                  "{%- if loop.first and system is not none %}"
+                  "{%- set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + content %}{%- endif %}"
+                  "{%- if loop.index0 % 2 %}{{ ' ' + (content | trim) + ' ' + eos_token }}"
+                  "{%- else %}{{ (bos_token if not loop.first else '') + '[INST] ' + (content | trim) + ' [/INST]' }}"
+                  "{%- endif %}{%- endfor %}",
+    }[name]
+    return prefix + body
+
+
 def detect_chat_template(jinja: str | None) -> str | None:
     """Our template name for a HF/GGUF jinja chat template, or None if it is none we render."""
     if not jinja:

@@ -43,8 +43,9 @@ def dequantize_weight(qweight, scales, zeros, bits: int, group_size: int, k: int
     """Float32 [N, K] weight as QuantLinear stores it: packed codes (kernels.packing.dequantize_packed), or codes
     offset to signed int8 where the format table says stored_signed."""
     if scalar_format(bits).stored_signed:
-        offset = 1 << (bits - 1)
-        return (qweight.float() + offset - (offset if zeros is None else zeros.float())) * scales.float()
+        offset, g = 1 << (bits - 1), group_size or k
+        per_weight = lambda t: t.float().repeat_interleave(g, dim=-1)[..., :k]  # noqa: E731 ([N, G] -> [N, K])
+        return (qweight.float() + offset - (offset if zeros is None else per_weight(zeros))) * per_weight(scales)
     return dequantize_packed(qweight, scales, zeros, bits, group_size or k, k)
 
 
