@@ -24,8 +24,8 @@ from convert import _GGUF_NAMES, _rename, open_gguf
 from fileio import atomic_file, check_output_file, read_json
 from model import ModelArgs, rope_frequencies
 from qlinear import QuantLinear, expand_groups
-from tokenizer import GGUF_CONTROL, GGUF_PRE_TOKENIZERS, GGUF_USER_DEFINED, jinja_chat_template, \
-    pattern_from_pre_tokenizer, token_ids, tokenizer_from_json
+from tokenizer import GGUF_CONTROL, GGUF_USER_DEFINED, gguf_pre_tokenizer, jinja_chat_template, \
+    splits_from_pre_tokenizer, token_ids, tokenizer_from_json
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 BLOCK = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
@@ -163,9 +163,9 @@ def gguf_tokenizer_fields(path: Path, vocab_size: int) -> dict:
     if data.get("normalizer") is not None:
         raise ValueError(f"{path}: a tokenizer with a normalizer cannot be written to GGUF (llama.cpp's 'gpt2' "
                          "tokenizer has none)")
-    pattern = pattern_from_pre_tokenizer(data.get("pre_tokenizer"), str(path))
+    splits = splits_from_pre_tokenizer(data.get("pre_tokenizer"), str(path))
     pre = next((p for p in ("smollm", "gpt-2", "llama-bpe")
-                if pattern_from_pre_tokenizer(GGUF_PRE_TOKENIZERS[p](), p) == pattern), None)
+                if splits_from_pre_tokenizer(gguf_pre_tokenizer(p), p) == splits), None)
     if pre is None:
         raise ValueError(f"{path}: its pre-tokenizer matches none llama.cpp knows that bitfast can name "
                          "(smollm, gpt-2, llama-bpe)")
