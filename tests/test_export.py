@@ -14,7 +14,8 @@ from calibrate import quantize_model
 from checkpoint import load_model, load_tokenizer_for, model_state_for_saving, read_config, save_checkpoint, \
     save_quantized
 from cli import run
-from convert import convert_gguf, convert_hf
+from convert import convert_gguf, convert_hf, resolve_checkpoint
+from decoding import generate
 from export_gguf import export_gguf
 from export_hf import export_hf
 from qlinear import QuantFormat, QuantLinear, expand_groups, linear_names, resolve_recipe
@@ -277,3 +278,49 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
     export_hf(ckpt, tmp_path / "hf")
     assert export_command(["--checkpoint", str(ckpt), "--to", "hf", str(tmp_path / "hf")], capsys)[0] == 0
     assert np.isfinite(hf_logits(tmp_path / "hf").numpy()).all()
+
+
+# ---------------------------------------------------------------- the default model, end to end
+
+def greedy(model, prompt: list, steps: int) -> list:
+    """`steps` greedy tokens after `prompt` (no stop token: every step is compared)."""
+    model.setup_caches(1, len(prompt) + steps)
+    return generate(model, torch.tensor(prompt), steps)[0].tolist()
+
+
+def llama_cpp_greedy(path, prompt: list, steps: int) -> list:
+    """llama.cpp's own greedy decode of GGUF file `path`: the argmax of its logits after each token fed."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), n_threads=1, logits_all=False, verbose=False)
+    out = []
+    llm.eval(prompt)
+    for _ in range(steps):
+        out.append(int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax()))
+        llm.eval(out[-1:])
+    return out
+
+
+def test_gguf_int8_export_of_default_model_decodes_as_bitfast(tmp_path, one_thread):
+    src = resolve_checkpoint(None)
+    model = load_model(src)
+    plan = resolve_recipe({"default": "int8", "quantize_output": True}, linear_names(model))
+    quantize_model(model, plan, "rtn", log=lambda s: None)
+    ckpt = save_quantized(model, plan, src, tmp_path / "int8", {"method": "rtn"})
+    reports = export_gguf(ckpt, tmp_path / "m.gguf", "f32")
+    # every linear weight and the tied head: our int8 codes as Q8_0 blocks, nothing requantized
+    assert {(r.gguf_type, r.how) for r in reports} == {("Q8_0", "codes")} and len(reports) == 7 * model.args.n_layer + 1
+    back = convert_gguf(tmp_path / "m.gguf", tmp_path / "back")
+    tok, gguf_tok = load_tokenizer_for(ckpt), load_tokenizer_for(back)
+    text = tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}])
+    prompt = tok.encode(text, bos=tok.add_bos)
+    assert gguf_tok.encode(text, bos=gguf_tok.add_bos) == prompt
+    steps = 24
+    ours = greedy(load_model(ckpt), prompt, steps)
+    assert greedy(load_model(back), prompt, steps) == ours
+    assert gguf_tok.decode(ours) == tok.decode(ours)
+    # llama.cpp rounds activations to 8 bits in its Q8_0 dot products, so its argmax may leave ours where two
+    # tokens' logits are close: the first 8 must agree (on this prompt its first 17 of 24 do)
+    theirs = llama_cpp_greedy(tmp_path / "m.gguf", prompt, steps)
+    agree = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), steps)
+    assert theirs[:8] == ours[:8], f"llama.cpp agrees on the first {agree} of {steps} tokens"
+    print(f"llama.cpp agrees on the first {agree} of {steps} tokens")
