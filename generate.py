@@ -165,6 +165,19 @@ def setup_tensor_parallel(args) -> tuple:
     return rank, world
 
 
+def load_for_running(args, ckpt, dtype, rank: int, world: int):
+    """The model as this run uses it: its projections fused, or with the --adapter, or this process's slice."""
+    # Layers stay apart with an adapter (the adapted ones cannot fuse) and under tensor parallelism (tp.py splits
+    # q, k, v and gate, up one by one).
+    model = load_model(ckpt, device=args.device, dtype=dtype, verify=not args.skip_checksum,
+                       fuse=not args.adapter and world == 1)
+    if args.adapter:
+        load_adapter(model, args.adapter, ckpt)
+    if world > 1:
+        apply_tensor_parallel(model, rank, world)
+    return model
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world = setup_tensor_parallel(args)
@@ -178,14 +191,7 @@ def main(argv=None):
         check_output_dir(args.profile, is_profile_dir, "profile")
     ckpt = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer_for(ckpt, verify=not args.skip_checksum)
-    # Layers stay apart with an adapter (the adapted ones cannot fuse) and under tensor parallelism (tp.py splits
-    # q, k, v and gate, up one by one).
-    model = load_model(ckpt, device=args.device, dtype=dtype, verify=not args.skip_checksum,
-                       fuse=not args.adapter and world == 1)
-    if args.adapter:
-        load_adapter(model, args.adapter, ckpt)
-    if world > 1:
-        apply_tensor_parallel(model, rank, world)
+    model = load_for_running(args, ckpt, dtype, rank, world)
     if args.max_seq_length and args.max_seq_length > model.args.block_size:
         raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the model's context of "
                          f"{model.args.block_size} tokens")
