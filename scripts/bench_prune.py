@@ -175,7 +175,7 @@ def parse_args(argv=None):
     p.add_argument("--recovery_steps", type=positive_int, default=100, help="LoRA recovery: optimizer steps")
     p.add_argument("--recovery_seqlen", type=positive_int, default=256, help="LoRA recovery: tokens per window")
     p.add_argument("--recovery_batch", type=positive_int, default=4, help="LoRA recovery: windows per step")
-    p.add_argument("--recovery_lr", type=positive_float, default=2e-4, help="LoRA recovery: peak learning rate")
+    p.add_argument("--recovery_lr", type=positive_float, default=1e-3, help="LoRA recovery: peak learning rate")
     p.add_argument("--lora_rank", type=positive_int, default=16, help="LoRA recovery: adapter rank (alpha 2 x rank)")
     p.add_argument("--calib_samples", type=positive_int, default=10)
     p.add_argument("--calib_seqlen", type=positive_int, default=128)
