@@ -3,45 +3,113 @@ unpruned model, as a markdown table (printed, and written to --out).
 
     python scripts/bench_prune.py --out prune.md                   # ratios 0.1,0.2,0.3 x every criterion
     python scripts/bench_prune.py --ratios 0.2 --criteria l2,taylor --max_tokens 50000 --no_speed
+    python scripts/bench_prune.py --ratios 0.2 --criteria taylor --recovery lora --recovery_steps 200
 
 Pruning: pruning.py with prune.py's defaults (both parts, block scope, first 4 and last 2 blocks kept); the
 gradient criteria share one gradient pass over --calib_samples windows of the BoolQ calibration split. Then the
---recovery step (RECOVERY; "none" today). Perplexity: eval/perplexity.py's protocol on the BoolQ and LAMBADA
-evaluation splits. Speed: compiled CPU decode (scripts/bench_quant.decode_speed) and eager prefill of a
+--recovery step (RECOVERY): "none", or "lora": LoRA adapters (lora.py, rank --lora_rank, alpha 2 x rank) on every
+linear of the blocks, trained for --recovery_steps AdamW steps of --recovery_batch x --recovery_seqlen tokens to
+match the unpruned model's next-token distribution (forward KL, qat.loop.loss_fn) on the calibration splits of
+BoolQ and LAMBADA (disjoint from the evaluation splits), then merged into the pruned float weights, so what is scored
+is an ordinary pruned checkpoint; the table gives perplexity before and after recovery. Perplexity: eval/perplexity.py's
+protocol on the BoolQ and LAMBADA evaluation splits. Speed: compiled CPU decode (scripts/bench_quant.decode_speed) and eager prefill of a
 --prefill_tokens prompt, bf16, --threads threads, medians.
 """
 import argparse
+import copy
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for, model_state_for_saving, save_derived
-from cli import ArgumentParser, fraction, nonempty, nonneg_int, positive_int, run
+from cli import ArgumentParser, fraction, nonempty, nonneg_int, positive_float, positive_int, run
 from convert import resolve_checkpoint
 from decoding import prefill
 from eval.data import calibration_batches, corpus_text
 from eval.perplexity import perplexity
 from fileio import TEMP_TAG, atomic_write, check_output_dir, check_output_file
+from lora import LoRAConfig, apply_lora, merge_lora
+from qat.data import make_windows, step_windows, training_tokens
+from qat.loop import loss_fn, lr_at
 from pruning import CRITERIA, GRADIENT_CRITERIA, PruneSettings, gradient_stats, prunable_linears, prune
 from scripts.bench_quant import decode_speed
 
 TITLE = "# Structured pruning: bitfast scripts/bench_prune.py"
 
 
-def no_recovery(model, tokenizer, log):
-    return model
+RECOVERY_CORPORA = ("boolq", "lambada")  # their calibration splits: the perplexity is scored on the eval splits
 
 
-# Recovery after pruning, by name: fn(pruned model, tokenizer, log) -> the model to score. LLM-Pruner recovers
-# with LoRA on a little text; a LoRA step (lora.py) is added here as another entry.
-RECOVERY = {"none": no_recovery}
+def recovery_windows(tokenizer, vocab_size: int, seq_len: int, batch: int) -> torch.Tensor:
+    """[W, seq_len + 1] non-overlapping windows of the RECOVERY_CORPORA calibration splits; ValueError if fewer
+    than one batch."""
+    tokens = torch.cat([training_tokens(name, tokenizer, vocab_size) for name in RECOVERY_CORPORA])
+    windows = make_windows(tokens, seq_len, "recovery text")
+    if windows.shape[0] < batch:
+        raise ValueError(f"recovery text: {windows.shape[0]} windows of {seq_len + 1} tokens, fewer than "
+                         f"--recovery_batch {batch}")
+    return windows
+
+
+def lora_recovery(pruned, teacher, windows: torch.Tensor, config: LoRAConfig, steps: int, batch: int, lr: float,
+                  log, seed: int = 0):
+    """A copy of the pruned model with LoRA adapters trained for `steps` AdamW steps of `batch` windows (inputs
+    window[:, :-1]) to match the teacher's next-token distribution (forward KL), then merged into its float weights.
+    The pruned model and the teacher are unchanged (a pruned model shares its unpruned tensors with its source)."""
+    student = copy.deepcopy(pruned)
+    apply_lora(student, config)
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, lr / 10, max(1, steps // 10), steps)
+        x = windows[step_windows(step, windows.shape[0], batch, seed)][:, :-1]
+        with torch.no_grad():
+            target = teacher(x)
+        loss = loss_fn("fkl", student(x), target, None, 0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            log(f"recovery step {step + 1}/{steps}: KL to the unpruned model {loss.item():.4f}")
+    merge_lora(student)
+    return student.requires_grad_(False).eval()
+
+
+@dataclass(frozen=True)
+class RecoveryBudget:
+    steps: int
+    seq_len: int
+    batch: int
+    lr: float
+    rank: int
+
+    def describe(self) -> str:
+        return (f"{self.steps} steps x {self.batch} x {self.seq_len} tokens = {self.steps * self.batch * self.seq_len}"
+                f" tokens, LoRA rank {self.rank}, lr {self.lr:g}")
+
+
+def no_recovery(pruned, teacher, windows, budget: RecoveryBudget, log):
+    return pruned
+
+
+def recover_with_lora(pruned, teacher, windows, budget: RecoveryBudget, log):
+    return lora_recovery(pruned, teacher, windows, LoRAConfig(budget.rank, 2.0 * budget.rank), budget.steps,
+                         budget.batch, budget.lr, log)
+
+
+# Recovery after pruning, by name: fn(pruned model, unpruned model, recovery_windows, budget, log) -> the model to
+# score.
+RECOVERY = {"none": no_recovery, "lora": recover_with_lora}
 
 
 def listed(kind, choices=None):
@@ -83,14 +151,17 @@ def measure(ckpt, a, texts: dict, prompts: tuple, log) -> dict:
     return row
 
 
-def table_row(name: str, ratio, row: dict, base: dict, recovery: str) -> str:
-    speed = ""
+def table_row(name: str, ratio, row: dict, base: dict, recovery: str, before: dict = None) -> str:
+    """A markdown row; `before`: perplexities of the pruned model before recovery (None: no recovery ran, the
+    scored perplexities are the before-recovery ones)."""
     if "decode" in row:
         speed = " | ".join(f"{row[k]:.1f} | {row[k] / base[k]:.2f}x" for k in ("decode", "prefill"))
     else:
         speed = " | | | "
+    ppl = (f"{before['boolq']:.3f} | {before['lambada']:.3f} | {row['boolq']:.3f} | {row['lambada']:.3f}" if before
+           else f"{row['boolq']:.3f} | {row['lambada']:.3f} | - | -")
     return (f"| {name} | {ratio} | {row['params'] / 1e6:.1f} | {1 - row['params'] / base['params']:.1%} | "
-            f"{row['size']:.1f} | {row['boolq']:.3f} | {row['lambada']:.3f} | {speed} | {recovery} |")
+            f"{row['size']:.1f} | {ppl} | {speed} | {recovery} |")
 
 
 def parse_args(argv=None):
@@ -101,6 +172,11 @@ def parse_args(argv=None):
     p.add_argument("--keep_first", type=nonneg_int, default=4)
     p.add_argument("--keep_last", type=nonneg_int, default=2)
     p.add_argument("--recovery", default="none", choices=sorted(RECOVERY), help="step between pruning and scoring")
+    p.add_argument("--recovery_steps", type=positive_int, default=100, help="LoRA recovery: optimizer steps")
+    p.add_argument("--recovery_seqlen", type=positive_int, default=256, help="LoRA recovery: tokens per window")
+    p.add_argument("--recovery_batch", type=positive_int, default=4, help="LoRA recovery: windows per step")
+    p.add_argument("--recovery_lr", type=positive_float, default=1e-3, help="LoRA recovery: peak learning rate")
+    p.add_argument("--lora_rank", type=positive_int, default=16, help="LoRA recovery: adapter rank (alpha 2 x rank)")
     p.add_argument("--calib_samples", type=positive_int, default=10)
     p.add_argument("--calib_seqlen", type=positive_int, default=128)
     p.add_argument("--context", type=positive_int, default=2048)
@@ -130,6 +206,20 @@ def main(argv=None):
         benchmark(a, Path(tmp))
 
 
+def header(a, ckpt, n_layer: int, texts: dict, prompts: tuple, recovery: str) -> list:
+    """The title, the settings line (recovery budget included) and the table's head."""
+    return [TITLE, "", f"model {ckpt} | parts both, block scope, blocks {a.keep_first}..{n_layer - a.keep_last - 1}"
+            f" pruned | calibration {a.calib_samples} x {a.calib_seqlen} BoolQ tokens | recovery {recovery} | "
+            f"perplexity: context {a.context}, "
+            + ", ".join(f"{n} {t.numel()} tokens" for n, t in texts.items()) + f" | decode: compiled, bf16, "
+            f"{a.threads} thread(s), {a.new_tokens} tokens; prefill: eager, {prompts[1].numel()} tokens; medians of "
+            f"{a.runs} | {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, load average at start "
+            f"{os.getloadavg()[0]:.1f}", "",
+            "| criterion | ratio | params M | removed | size MB | ppl BoolQ | ppl LAMBADA | ppl BoolQ recovered "
+            "| ppl LAMBADA recovered | decode tok/s | vs unpruned | prefill tok/s | vs unpruned | recovery |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
 def benchmark(a, out_root: Path):
     ckpt = resolve_checkpoint(a.checkpoint)
     tok = load_tokenizer_for(ckpt)
@@ -142,14 +232,13 @@ def benchmark(a, out_root: Path):
     prompts = (chat, texts["boolq"][:a.prefill_tokens].to(torch.int))
     calib = calibration_batches(tok, a.calib_samples, a.calib_seqlen, "boolq", seed=0)
     model = load_model(ckpt)
-    lines = [TITLE, "", f"model {ckpt} | parts both, block scope, blocks {a.keep_first}..{len(model.layers) - a.keep_last - 1}"
-             f" pruned | calibration {a.calib_samples} x {a.calib_seqlen} BoolQ tokens | perplexity: context {a.context}, "
-             + ", ".join(f"{n} {t.numel()} tokens" for n, t in texts.items()) + f" | decode: compiled, bf16, "
-             f"{a.threads} thread(s), {a.new_tokens} tokens; prefill: eager, {prompts[1].numel()} tokens; medians of "
-             f"{a.runs} | {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, load average at start "
-             f"{os.getloadavg()[0]:.1f}", "",
-             "| criterion | ratio | params M | removed | size MB | ppl BoolQ | ppl LAMBADA | decode tok/s | vs unpruned "
-             "| prefill tok/s | vs unpruned | recovery |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    budget = RecoveryBudget(a.recovery_steps, a.recovery_seqlen, a.recovery_batch, a.recovery_lr, a.lora_rank)
+    recovery = "none" if a.recovery == "none" else (
+        f"{a.recovery}: {budget.describe()}, forward KL to the unpruned model on the "
+        f"{' + '.join(RECOVERY_CORPORA)} calibration splits, merged")
+    windows = None if a.recovery == "none" else recovery_windows(tok, model.args.vocab_size, budget.seq_len,
+                                                                  budget.batch)
+    lines = header(a, ckpt, len(model.layers), texts, prompts, recovery)
     print("\n".join(lines), flush=True)
     base = measure(ckpt, a, texts, prompts, lambda m: print(f"  unpruned: {m}", file=sys.stderr, flush=True))
     lines.append(table_row("unpruned", 0, base, base, "-"))
@@ -164,11 +253,17 @@ def benchmark(a, out_root: Path):
             def log(msg, name=f"{criterion} {s.ratio}"):  # progress on stderr, so stdout stays the table
                 print(f"  {name}: {msg}", file=sys.stderr, flush=True)
             pruned, record = prune(model, s, log=log, stats=stats)
-            pruned = RECOVERY[a.recovery](pruned, tok, log)
+            before = None
+            if a.recovery != "none":
+                log("perplexity before recovery on " + ", ".join(texts))
+                with torch.no_grad():
+                    before = {n: perplexity(pruned, t, a.context)["ppl"] for n, t in texts.items()}
+            pruned = RECOVERY[a.recovery](pruned, model, windows, budget, log)
             folder = save_derived(model_state_for_saving(pruned.state_dict(), pruned.args), ckpt,
                                   out_root / f"{criterion}-{s.ratio}", {"model_args": pruned.args.to_dict(),
-                                                                        "pruning": {**record, "recovery": a.recovery}})
-            lines.append(table_row(criterion, s.ratio, measure(folder, a, texts, prompts, log), base, a.recovery))
+                                                                        "pruning": {**record, "recovery": recovery}})
+            lines.append(table_row(criterion, s.ratio, measure(folder, a, texts, prompts, log), base, a.recovery,
+                                   before))
             print(lines[-1], flush=True)
     if a.out:
         atomic_write(a.out, "\n".join(lines) + "\n")

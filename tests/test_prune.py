@@ -1,7 +1,8 @@
 """Structured pruning (pruning.py, prune.py) against independent references: the pruned model equals the original
 with the removed heads' and channels' output columns zeroed (groups and scores computed here by explicit loops);
 gradients and Fisher terms equal float64 central differences of a separate float64 Llama written here; a pruned
-checkpoint saves, loads, quantizes and generates; bad input is one line and exit 2."""
+checkpoint saves, loads, quantizes and generates; bad input is one line and exit 2; scripts/bench_prune.py's LoRA
+recovery lowers the KL to the unpruned model and hands back a merged model with the adapted model's logits."""
 import json
 import math
 from pathlib import Path
@@ -10,16 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lora
 import prune as prune_command
 import quantize as quantize_command
 from calibrate import quantize_model
 from checkpoint import load_model
 from cli import run
 from decoding import generate
-from model import ModelArgs
+from model import Linear, ModelArgs
 from prefill_cache import PrefillCache
 from pruning import PruneSettings, choose_kept, gradient_stats, group_importance, prune
 from qlinear import QuantFormat, QuantLinear, linear_names
+from scripts import bench_prune
 from tests.test_model import tiny_model
 from tests.tiny import save_tiny
 
@@ -275,3 +278,43 @@ def test_prefill_cache_on_disk_serves_a_pruned_model(tmp_path):
     generate(pruned, prompt, 8, prefill_cache=PrefillCache(pruned, tmp_path))
     out, stats = generate(pruned, prompt, 8, prefill_cache=PrefillCache(pruned, tmp_path))
     assert stats.cached_tokens == 19 and out.tolist() == plain.tolist()
+
+
+def forward_kl(teacher_logits, student_logits) -> float:
+    """Mean over tokens of KL(teacher || student), in float64."""
+    lt, ls = F.log_softmax(teacher_logits.double(), -1), F.log_softmax(student_logits.double(), -1)
+    return (lt.exp() * (lt - ls)).sum(-1).mean().item()
+
+
+def test_lora_recovery_lowers_the_kl_to_the_teacher_and_returns_the_merged_model(monkeypatch):
+    teacher = tiny_model(**GQA)
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    pruned, _ = prune(teacher, PruneSettings(0.5, "l2", keep_first=1, channel_multiple=1), log=None)
+    pruned_state = {k: v.clone() for k, v in pruned.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    windows, held_out = torch.randint(0, 101, (16, 17), generator=g), torch.randint(0, 101, (4, 16), generator=g)
+    adapted = {}
+
+    def merge_recording_the_adapted_logits(model):  # the adapted model's logits, just before its merge
+        assert len(lora.adapted_layers(model)) == 3 * len(LINEARS)
+        with torch.no_grad():
+            adapted["logits"] = model(held_out)
+        return lora.merge_lora(model)
+
+    monkeypatch.setattr(bench_prune, "merge_lora", merge_recording_the_adapted_logits)
+    logs = []
+    recovered = bench_prune.lora_recovery(pruned, teacher, windows, lora.LoRAConfig(4, 8.0), steps=30, batch=4,
+                                          lr=1e-2, log=logs.append)
+    with torch.no_grad():
+        x = windows[:, :-1]  # the KL the training lowers: over its own windows
+        kl_before, kl_after = forward_kl(teacher(x), pruned(x)), forward_kl(teacher(x), recovered(x))
+        after = recovered(held_out)
+    assert kl_after < 0.7 * kl_before, (kl_before, kl_after, logs)
+    # merged: plain float linears of the pruned shapes, no adapter left, the adapted model's logits
+    assert not lora.adapted_layers(recovered) and all(type(recovered.get_submodule(f"layers.{i}.{n}")) is Linear
+                                                      for i in range(3) for n in LINEARS)
+    assert recovered.args == pruned.args and not any(p.requires_grad for p in recovered.parameters())
+    torch.testing.assert_close(after, adapted["logits"], rtol=1e-4, atol=1e-4)
+    # the teacher and the pruned model it shares tensors with are unchanged
+    assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
+    assert all(torch.equal(v, pruned_state[k]) for k, v in pruned.state_dict().items())
