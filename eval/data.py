@@ -85,6 +85,13 @@ def corpus_text(name: str, split: str = "eval") -> str:
     return "\n\n".join(corpus_documents(name, split))
 
 
+def corpus_tokens(tokenizer, name: str, split: str = "eval", max_tokens: int | None = None) -> torch.Tensor:
+    """A corpus split as one token stream [N] (eval/perplexity.py's protocol: encoded whole, bos only if the
+    tokenizer adds one to prompts), cut to its first max_tokens."""
+    ids = torch.tensor(tokenizer.encode(corpus_text(name, split), bos=tokenizer.add_bos, allow_special=False))
+    return ids[:max_tokens] if max_tokens else ids
+
+
 def _read_user_text(path: Path, suffixes: tuple, expected: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")

@@ -15,6 +15,7 @@ llama_decode per token through llama-cpp-python, argmax of its logits). Prefill:
 BoolQ text, wall clock (bitfast: decoding.prefill as generate.py runs it). Perplexity: eval/perplexity.py's
 windows on our token ids, fed to both (llama.cpp returns every position's logits). Size: the file each side loads.
 """
+import importlib.util
 import os
 import platform
 import statistics
@@ -31,7 +32,7 @@ from checkpoint import load_model, load_tokenizer_for
 from cli import ArgumentParser, nonempty, positive_int, run
 from convert import default_gguf_path, resolve_checkpoint
 from decoding import compile_step, decode_one_token, prefill
-from eval.data import calibration_batches, corpus_text
+from eval.data import calibration_batches, corpus_tokens
 from fileio import TEMP_TAG, check_output_dir, clean_stale_temps
 from scripts.bench_quant import SCORES, build, check_config, is_bench_folder, scores_of
 
@@ -188,10 +189,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.max_tokens < a.context:
         p.error(f"argument --max_tokens: {a.max_tokens} tokens is less than one window of --context {a.context}")
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        raise ValueError("llama-cpp-python is not installed: pip install -r requirements-bench.txt") from None
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ValueError("llama-cpp-python is not installed: pip install -r requirements-bench.txt")
     benchmark(a, check_output_dir(a.keep, is_keep_folder, "benchmark folder"))
 
 
@@ -201,9 +200,8 @@ def benchmark(a, keep: Path):
     def log(msg):  # progress on stderr, so stdout stays the tables
         print(f"  {msg}", file=sys.stderr, flush=True)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
-    long_prompt = tok.encode(corpus_text("boolq", "eval"), bos=tok.add_bos, allow_special=False)[:a.prefill_tokens]
-    texts = {name: torch.tensor(tok.encode(corpus_text(name, "eval"), bos=tok.add_bos, allow_special=False))[:a.max_tokens]
-             for name in ("boolq", "lambada")}
+    texts = {name: corpus_tokens(tok, name, max_tokens=a.max_tokens) for name in ("boolq", "lambada")}
+    long_prompt = corpus_tokens(tok, "boolq", max_tokens=a.prefill_tokens).tolist()
     calib = calibration_batches(tok, a.calib_samples, a.calib_seqlen, "boolq", seed=0)
     max_len = -(-(max(len(prompt) + a.new_tokens, a.prefill_tokens) + 1) // 64) * 64
     print(f"bitfast vs llama.cpp (llama-cpp-python {__import__('llama_cpp').__version__}) | {gguf.name} | decode "

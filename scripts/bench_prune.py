@@ -33,7 +33,7 @@ from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for, model_
 from cli import ArgumentParser, fraction, nonempty, nonneg_int, positive_float, positive_int, run
 from convert import resolve_checkpoint
 from decoding import prefill
-from eval.data import calibration_batches, corpus_text
+from eval.data import calibration_batches, corpus_tokens
 from eval.perplexity import perplexity
 from fileio import TEMP_TAG, atomic_write, check_output_dir, check_output_file
 from lora import LoRAConfig, apply_lora, merge_lora
@@ -223,10 +223,7 @@ def header(a, ckpt, n_layer: int, texts: dict, prompts: tuple, recovery: str) ->
 def benchmark(a, out_root: Path):
     ckpt = resolve_checkpoint(a.checkpoint)
     tok = load_tokenizer_for(ckpt)
-    texts = {}
-    for name in ("boolq", "lambada"):
-        ids = torch.tensor(tok.encode(corpus_text(name, "eval"), bos=tok.add_bos, allow_special=False))
-        texts[name] = ids[:a.max_tokens] if a.max_tokens else ids
+    texts = {name: corpus_tokens(tok, name, max_tokens=a.max_tokens) for name in ("boolq", "lambada")}
     chat = torch.tensor(tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of "
                                                              "France?"}])), dtype=torch.int)
     prompts = (chat, texts["boolq"][:a.prefill_tokens].to(torch.int))

@@ -27,7 +27,7 @@ import train_qat
 from checkpoint import is_checkpoint_dir, load_model, load_tokenizer_for, read_config
 from convert import resolve_checkpoint
 from cli import run
-from eval.data import calibration_batches, corpus_text
+from eval.data import calibration_batches, corpus_tokens
 from fileio import TEMP_TAG, check_output_dir, check_output_file
 from qat.config import LOSSES, RunSettings, quant_format
 from qat.data import make_windows, training_tokens
@@ -216,7 +216,7 @@ def main():
     ckpt = resolve_checkpoint(None)
     vocab_size = read_config(ckpt)["model_args"]["vocab_size"]
     tok = load_tokenizer_for(ckpt)
-    stream = torch.tensor(tok.encode(corpus_text("boolq", "eval"), bos=tok.add_bos, allow_special=False))
+    stream = corpus_tokens(tok, "boolq")
     tokens, short = stream[:a.eval_tokens], stream[:a.curve_tokens]
     print(f"model {ckpt.name} | {fmt.name}, output head float (as BitDistiller) | perplexity: BoolQ eval split, first "
           f"{tokens.numel()} tokens, context {a.context}, float32 | CPU, {a.threads} thread(s), torch {torch.__version__}",

@@ -24,7 +24,7 @@ from calibrate import METHODS, quantize_model
 from checkpoint import load_model, load_tokenizer_for, read_config, save_quantized
 from convert import resolve_checkpoint
 from cli import ArgumentParser, nonempty, positive_int, run
-from eval.data import calibration_batches, corpus_text
+from eval.data import calibration_batches, corpus_tokens
 from eval.perplexity import perplexity
 from fileio import TEMP_TAG, atomic_write, check_output_dir
 from decoding import compile_fns, generate
@@ -208,10 +208,7 @@ def main(argv=None):
 def benchmark(a, out_root: Path):
     ckpt = resolve_checkpoint(a.checkpoint)
     tok = load_tokenizer_for(ckpt)
-    texts = {}
-    for name in ("boolq", "lambada"):
-        ids = torch.tensor(tok.encode(corpus_text(name, "eval"), bos=tok.add_bos, allow_special=False))
-        texts[name] = ids[:a.max_tokens] if a.max_tokens else ids
+    texts = {name: corpus_tokens(tok, name, max_tokens=a.max_tokens) for name in ("boolq", "lambada")}
     calib = calibration_batches(tok, a.calib_samples, a.calib_seqlen, "boolq", seed=0)
     prompt = torch.tensor(tok.encode(tok.apply_chat_template([{"role": "user", "content": a.prompt}])),
                           dtype=torch.int)

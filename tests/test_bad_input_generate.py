@@ -21,12 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import bench_generate  # noqa: E402
 import bench_kernels  # noqa: E402
+import bench_llamacpp  # noqa: E402
 import bench_quant  # noqa: E402
 import generate  # noqa: E402
 import layer_sensitivity  # noqa: E402
 
 MAINS = {"generate": generate.main, "layer_sensitivity": layer_sensitivity.main, "bench_generate": bench_generate.main,
-         "bench_quant": bench_quant.main, "bench_kernels": bench_kernels.main}
+         "bench_quant": bench_quant.main, "bench_kernels": bench_kernels.main, "bench_llamacpp": bench_llamacpp.main}
 SCRIPTS = {"generate": "generate.py", **{name: f"scripts/{name}.py" for name in MAINS if name != "generate"}}
 
 
@@ -111,6 +112,10 @@ FLAGS = [
     ("bench_kernels", ["--group_size", "0"], "--group_size"),
     ("bench_kernels", ["--group_size", "100"], "--group_size"),
     ("bench_kernels", ["--repeats", "-1"], "--repeats"),
+    ("bench_llamacpp", ["--keep", "k", "--pairs", "int4-g128=Q4_9"], "--pairs"),
+    ("bench_llamacpp", ["--keep", "k", "--pairs", "int5=Q4_0"], "--pairs"),
+    ("bench_llamacpp", ["--keep", "k", "--threads", "1,0"], "--threads"),
+    ("bench_llamacpp", ["--keep", "k", "--context", "64", "--max_tokens", "10"], "--max_tokens"),
 ]
 
 
