@@ -60,8 +60,9 @@ class ModelArgs:
             sizes = getattr(self, name)
             if sizes is not None and (len(sizes) != self.n_layer or not all(_is_int(v) and v >= 1 for v in sizes)):
                 raise ValueError(f"{name} must list n_layer={self.n_layer} whole numbers >= 1, got {sizes}")
-        for i in range(self.n_layer):
-            self.for_block(i)  # each block's head counts must agree (GQA)
+        if any(getattr(self, name) is not None for name in PER_BLOCK_FIELDS):  # (their lengths are n_layer)
+            for i in range(self.n_layer):
+                self.for_block(i)  # each block's head counts must agree (GQA)
 
     def for_block(self, i: int) -> "ModelArgs":
         """The arguments of block i: its own head counts and FFN width (a pruned model's differ per block), as
